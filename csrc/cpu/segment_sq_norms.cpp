@@ -1,0 +1,65 @@
+// Op 1 (SPEC.md): squared L2 norm of every segment of every row of x[R, D], one launch for all parameters.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "cpu/common.h"
+
+namespace modfuse::cpu {
+
+constexpr int64_t kSegmentBlock = 32768;  // a long parameter is split so that both cores share it
+
+template <typename T>
+void segment_sq_norms(const T* x, int64_t R, int64_t D, const int64_t* offsets, int64_t P, acc_t<T>* out) {
+  using A = acc_t<T>;
+  const std::vector<SegmentBlock> blocks = segment_blocks(offsets, P, kSegmentBlock);
+  const int64_t nblocks = int64_t(blocks.size());
+  std::vector<double> partials(R * nblocks);
+  parallel_chunks(R * nblocks, 1, [&](int64_t item, int64_t, int64_t) {
+    const int64_t r = item / nblocks;
+    const SegmentBlock& blk = blocks[item % nblocks];
+    const T* row = x + r * D;
+    A lanes[kLanes<A>] = {};
+    for_each_lane<A>(blk.begin, blk.end, [&](int64_t d, int l) {
+      const A v = load(row[d]);
+      lanes[l] += v * v;
+    });
+    partials[item] = lane_sum(lanes);
+  });
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t p = 0; p < P; ++p) out[r * P + p] = A(0);
+    double acc = 0;  // blocks of one segment are consecutive: sum them in order, then store
+    for (int64_t b = 0; b < nblocks; ++b) {
+      acc += partials[r * nblocks + b];
+      if (b + 1 == nblocks || blocks[b + 1].segment != blocks[b].segment) {
+        out[r * P + blocks[b].segment] = A(acc);
+        acc = 0;
+      }
+    }
+  }
+}
+
+template void segment_sq_norms<float>(const float*, int64_t, int64_t, const int64_t*, int64_t, float*);
+template void segment_sq_norms<double>(const double*, int64_t, int64_t, const int64_t*, int64_t, double*);
+template void segment_sq_norms<c10::Half>(const c10::Half*, int64_t, int64_t, const int64_t*, int64_t, float*);
+template void segment_sq_norms<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, const int64_t*, int64_t,
+                                              float*);
+
+// Reads the offsets on the host; the caller has checked that they increase from 0 to D (modfuse/ops.py).
+at::Tensor segment_sq_norms_cpu(const at::Tensor& x, const at::Tensor& offsets) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "segment_sq_norms: x must be contiguous [R, D]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong,
+              "segment_sq_norms: offsets must be int64 [P + 1]");
+  const at::Tensor off = offsets.contiguous();
+  const int64_t R = x.size(0), D = x.size(1), P = off.size(0) - 1;
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[P] == D, "segment_sq_norms: offsets must start at 0 and end at D");
+  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(o[p] <= o[p + 1], "segment_sq_norms: offsets must not decrease");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({R, P}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_sq_norms", [&] {
+    segment_sq_norms<scalar_t>(x.const_data_ptr<scalar_t>(), R, D, o, P, out.data_ptr<acc_t<scalar_t>>());
+  });
+  return out;
+}
+
+}  // namespace modfuse::cpu

@@ -1,0 +1,34 @@
+// The modfuse operator library: schemas (the contract torch.compile, export and the profiler see) and the CPU
+// implementations. Python fake (meta) kernels are in modfuse/ops.py; user-facing argument checks too.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(modfuse, m) {
+  m.def("segment_sq_norms(Tensor x, Tensor offsets) -> Tensor");
+  m.def("moments(Tensor G) -> (Tensor, Tensor)");
+  m.def("moments_accumulate_(Tensor(a!) S1, Tensor(b!) S2, Tensor g) -> ()");
+  m.def("linear_moments(Tensor x, Tensor gy) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (out, stats, uncertainty); uncertainty is empty unless return_uncertainty.
+  m.def("calibrated_aggregate(Tensor S1, Tensor S2, Tensor n, float kappa=1.0, float? eps=None, "
+        "float evidence_max=1e6, bool return_uncertainty=False) -> (Tensor, Tensor, Tensor)");
+  m.def("calibrated_aggregate_samples(Tensor G, float kappa=1.0, float? eps=None, float evidence_max=1e6, "
+        "bool return_uncertainty=False) -> (Tensor, Tensor, Tensor)");
+  m.def("gram(Tensor X) -> Tensor");
+  m.def("weighted_sum(Tensor X, Tensor w) -> Tensor");
+  m.def("segment_scale_(Tensor(a!) x, Tensor offsets, Tensor scale, Tensor? noise=None, "
+        "Tensor? noise_std=None) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(modfuse, CPU, m) {
+  using namespace modfuse::cpu;
+  m.impl("segment_sq_norms", &segment_sq_norms_cpu);
+  m.impl("moments", &moments_cpu);
+  m.impl("moments_accumulate_", &moments_accumulate_cpu);
+  m.impl("linear_moments", &linear_moments_cpu);
+  m.impl("calibrated_aggregate", &calibrated_aggregate_cpu);
+  m.impl("calibrated_aggregate_samples", &calibrated_aggregate_samples_cpu);
+  m.impl("gram", &gram_cpu);
+  m.impl("weighted_sum", &weighted_sum_cpu);
+  m.impl("segment_scale_", &segment_scale_cpu);
+}

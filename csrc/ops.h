@@ -1,0 +1,26 @@
+// Tensor-level implementations registered in ops.cpp, one per op and backend.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace modfuse::cpu {
+at::Tensor segment_sq_norms_cpu(const at::Tensor& x, const at::Tensor& offsets);
+std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& G);
+void moments_accumulate_cpu(const at::Tensor& S1, const at::Tensor& S2, const at::Tensor& g);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_moments_cpu(const at::Tensor& x,
+                                                                              const at::Tensor& gy);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cpu(const at::Tensor& S1, const at::Tensor& S2,
+                                                                        const at::Tensor& n, double kappa,
+                                                                        std::optional<double> eps,
+                                                                        double evidence_max, bool return_uncertainty);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cpu(const at::Tensor& G, double kappa,
+                                                                                std::optional<double> eps,
+                                                                                double evidence_max,
+                                                                                bool return_uncertainty);
+at::Tensor gram_cpu(const at::Tensor& X);
+at::Tensor weighted_sum_cpu(const at::Tensor& X, const at::Tensor& w);
+void segment_scale_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_std);
+}  // namespace modfuse::cpu

@@ -1,0 +1,29 @@
+"""modfuse: fused one-pass per-modality gradient statistics for balanced multimodal learning."""
+from modfuse import reference
+from modfuse.ops import (
+    available_backends,
+    calibrated_aggregate,
+    calibrated_aggregate_samples,
+    gram,
+    linear_moments,
+    moments,
+    moments_accumulate_,
+    segment_scale_,
+    segment_sq_norms,
+    weighted_sum,
+)
+
+__version__ = "0.1.0"
+__all__ = [
+    "available_backends",
+    "calibrated_aggregate",
+    "calibrated_aggregate_samples",
+    "gram",
+    "linear_moments",
+    "moments",
+    "moments_accumulate_",
+    "reference",
+    "segment_scale_",
+    "segment_sq_norms",
+    "weighted_sum",
+]

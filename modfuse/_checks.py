@@ -1,0 +1,123 @@
+"""Every user-facing argument check of modfuse, in one place.
+
+All backends (compiled, reference, and later CUDA/Triton) go through these before they run, so a bad argument
+gets the same clear message whichever backend would have run it: TypeError for a wrong dtype or type,
+ValueError for a wrong shape, device, value or layout. The C++ kernels keep only short internal guards so that a
+direct torch.ops.modfuse call cannot touch memory out of bounds.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_MODALITIES = 16
+MAX_SAMPLES = 64  # Op 4's samples form keeps K samples per element in registers on the GPU
+
+
+def tensor(name: str, t, *, dims: Sequence[int] | int, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """A tensor with one of `dims` dimensions and one of `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if t.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        want = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}; got {str(t.dtype).removeprefix('torch.')}")
+    return t
+
+
+def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}: "
+                             "all tensor arguments must be on one device")
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {meaning} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def contiguous_output(name: str, t: torch.Tensor) -> None:
+    """In-place targets are written through their data pointer: a strided view cannot be taken."""
+    if not t.is_contiguous():
+        raise ValueError(f"{name} is written in place and must be contiguous (got strides {t.stride()}); "
+                         "pass a contiguous tensor, e.g. a view of a flat gradient bank")
+
+
+def modalities(name: str, M: int) -> None:
+    if not 1 <= M <= MAX_MODALITIES:
+        raise ValueError(f"{name} must hold between 1 and {MAX_MODALITIES} modalities along dim 0, got {M}")
+
+
+def positive(name: str, value, *, allow_inf: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not value > 0 or (value == float("inf") and not allow_inf):
+        bound = "> 0" if allow_inf else "finite and > 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def offsets(off, D: int) -> torch.Tensor:
+    """Segment boundaries: int64 [P + 1], 0 = offsets[0] <= offsets[1] <= ... <= offsets[P] = D.
+
+    Returned as a contiguous int64 CPU tensor (the kernels read segment bounds on the host).
+    """
+    if not isinstance(off, torch.Tensor):
+        try:
+            off = torch.as_tensor(off, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"offsets must be an int64 tensor or a sequence of ints, got {off!r}") from None
+    if off.dtype != torch.int64:
+        raise TypeError(f"offsets must have dtype int64, got {str(off.dtype).removeprefix('torch.')}")
+    if off.dim() != 1 or off.numel() < 2:
+        raise ValueError(f"offsets must be 1-D with P + 1 >= 2 entries, got shape {tuple(off.shape)}")
+    off = off.detach().to("cpu").contiguous()
+    if int(off[0]) != 0:
+        raise ValueError(f"offsets must start at 0, got offsets[0] = {int(off[0])}")
+    if int(off[-1]) != D:
+        raise ValueError(f"offsets must end at D = {D} (the length of the flattened dimension), "
+                         f"got offsets[-1] = {int(off[-1])}")
+    steps = off[1:] - off[:-1]
+    if bool((steps < 0).any()):
+        p = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(f"offsets must not decrease: offsets[{p}] = {int(off[p])} > offsets[{p + 1}] = "
+                         f"{int(off[p + 1])}")
+    return off
+
+
+def counts(n, M: int, device, dtype) -> torch.Tensor:
+    """Sample counts n[M], every one >= 2 (a sample variance needs two samples)."""
+    if isinstance(n, torch.Tensor):
+        if n.dtype.is_complex or n.dtype == torch.bool:
+            raise TypeError(f"n must hold real sample counts, got dtype {str(n.dtype).removeprefix('torch.')}")
+        host = n.detach().to("cpu", torch.float64)
+    else:
+        try:
+            host = torch.as_tensor(n, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"n must be a tensor or sequence of sample counts, got {n!r}") from None
+    if host.dim() != 1 or host.numel() != M:
+        raise ValueError(f"n must have shape [M] = ({M},) (one count per modality of S1), got {tuple(host.shape)}")
+    bad = ~(host >= 2) | ~torch.isfinite(host)
+    if bool(bad.any()):
+        m = int(torch.nonzero(bad)[0])
+        raise ValueError(f"n[{m}] = {float(host[m])}: every modality needs a finite count n >= 2 "
+                         "(a sample variance needs at least two samples)")
+    return host.to(device=device, dtype=dtype)
+
+
+def finite_per_modality(name: str, t: torch.Tensor) -> None:
+    """check_finite=True: raise naming the first modality (index along dim 0) that holds NaN or Inf."""
+    bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)
+    if bool(bad.any()):
+        m = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{name} has NaN or Inf values in modality {m} (index {m} along dim 0); "
+                         "check_finite=True rejects non-finite gradients")

@@ -1,0 +1,397 @@
+"""Public functional ops of modfuse (SPEC.md Ops 1-6).
+
+Each function validates its arguments (modfuse/_checks.py), then runs on one backend:
+
+- ``"auto"`` (default): the compiled kernels for the tensors' device when modfuse._C has them, otherwise the
+  reference (with a one-time warning, e.g. CUDA tensors before the CUDA kernels exist or a build without _C).
+- ``"cpu"``: the fused C++ kernels (torch.ops.modfuse.*); CPU tensors only.
+- ``"reference"``: modfuse.reference, the SPEC in plain PyTorch (any device, slow, the test oracle).
+
+Dtypes: float32, float16, bfloat16 and float64 everywhere. Arithmetic accumulates in float32 (float64 for
+float64). Outputs are in the input dtype unless a function says otherwise.
+
+Layout: read-only inputs may be non-contiguous (they are copied to contiguous memory first, which costs one
+extra pass); tensors written in place must be contiguous.
+
+NaN/Inf policy: by default non-finite inputs propagate to exactly the outputs they feed (for element-wise
+outputs, the affected elements d; for reductions, the affected rows or segments) and nothing raises. With
+``check_finite=True`` a function first scans its inputs and raises ValueError naming the first modality (row)
+holding NaN or Inf; this costs one extra read of the inputs.
+
+None of these ops is differentiable: they compute statistics of gradients.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from modfuse import _checks as check
+from modfuse import reference
+
+try:
+    from modfuse import _C  # noqa: F401  (importing registers torch.ops.modfuse.*)
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as error:  # pragma: no cover - exercised only in a broken install
+    _C = None
+    _IMPORT_ERROR = error
+
+BACKENDS = ("auto", "cpu", "reference")
+_warned: set[str] = set()
+
+
+def available_backends() -> list[str]:
+    """The backends this build can run: "cpu" when the compiled extension loaded, "reference" always."""
+    return (["cpu"] if _C is not None else []) + ["reference"]
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _backend(backend: str, device: torch.device) -> str:
+    """Resolve "auto" and check that a forced backend can run tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if _C is None:
+        if backend == "cpu":
+            raise RuntimeError(f"backend='cpu' needs the compiled extension modfuse._C, which failed to import "
+                               f"({_IMPORT_ERROR}); rebuild with `pip install --no-build-isolation -e .`")
+        _warn_once("no_C", f"modfuse._C is not available ({_IMPORT_ERROR}); using the slow reference backend")
+        return "reference"
+    if device.type == "cpu":
+        return "cpu"
+    if backend == "cpu":
+        raise ValueError(f"backend='cpu' runs CPU tensors only, got tensors on {device}")
+    _warn_once(f"device:{device.type}", f"modfuse has no compiled kernels for {device.type} tensors in this "
+                                        "build; using the reference backend")
+    return "reference"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return reference.accumulation_dtype(dtype)
+
+
+# Op 1 ---------------------------------------------------------------------------------------------------------
+def segment_sq_norms(x: torch.Tensor, offsets, *, check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Squared L2 norm of every segment of every row, in one pass.
+
+    Args:
+        x: [R, D] (for example one row per modality of a flat gradient bank) or [D] (one flat buffer).
+        offsets: int64 [P + 1] (tensor or ints), 0 = offsets[0] <= ... <= offsets[P] = D; segment p is
+            x[..., offsets[p]:offsets[p + 1]]. An empty segment gives 0.
+    Returns:
+        [R, P] (or [P] for 1-D x), float32 (float64 for float64 x): sum of x^2 over each segment.
+    """
+    check.tensor("x", x, dims=(1, 2))
+    flat = x.dim() == 1
+    x2 = x.reshape(1, -1) if flat else x
+    off = check.offsets(offsets, x2.shape[1])
+    if check_finite:
+        check.finite_per_modality("x", x2)
+    x2 = x2.contiguous()
+    if _backend(backend, x.device) == "reference":
+        out = reference.segment_sq_norms(x2, off.to(x.device))
+    else:
+        out = torch.ops.modfuse.segment_sq_norms(x2, off)
+    return out[0] if flat else out
+
+
+# Op 2 ---------------------------------------------------------------------------------------------------------
+def moments(G: torch.Tensor, *, check_finite: bool = False, backend: str = "auto"):
+    """Per-modality gradient moments of K samples: S1 = sum_k G[:, k], S2 = sum_k G[:, k]^2.
+
+    Args:
+        G: [M, K, D] samples (per-sample or per-micro-batch gradients), any float dtype.
+    Returns:
+        (S1, S2), each [M, D], float32 (float64 for float64 G): moment banks for calibrated_aggregate.
+    """
+    check.tensor("G", G, dims=3)
+    if check_finite:
+        check.finite_per_modality("G", G)
+    G = G.contiguous()
+    if _backend(backend, G.device) == "reference":
+        return reference.moments(G)
+    return torch.ops.modfuse.moments(G)
+
+
+def moments_accumulate_(S1: torch.Tensor, S2: torch.Tensor, g: torch.Tensor, *, backend: str = "auto") -> None:
+    """Add one sample per modality to the banks in place: S1 += g, S2 += g^2 (for gradient hooks).
+
+    Args:
+        S1, S2: contiguous float32 or float64 banks of one shape (typically [M, D]), written in place.
+        g: the sample, same shape, any float dtype (converted to the banks' dtype).
+    """
+    check.tensor("S1", S1, dims=range(1, 9), dtypes=(torch.float32, torch.float64))
+    check.tensor("S2", S2, dims=range(1, 9), dtypes=(S1.dtype,))
+    check.tensor("g", g, dims=range(1, 9))
+    check.shape("S2", S2, S1.shape, "S1.shape")
+    check.shape("g", g, S1.shape, "S1.shape")
+    check.same_device("S1", S1, S2=S2, g=g)
+    check.contiguous_output("S1", S1)
+    check.contiguous_output("S2", S2)
+    if _backend(backend, S1.device) == "reference":
+        reference.moments_accumulate_(S1, S2, g)
+    else:
+        torch.ops.modfuse.moments_accumulate_(S1, S2, g.contiguous())
+
+
+# Op 3 ---------------------------------------------------------------------------------------------------------
+def linear_moments(x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, backend: str = "auto"):
+    """Per-sample gradient moments of an nn.Linear weight, without per-sample gradients.
+
+    With W_n = sum_t gy[n, t]^T x[n, t] the weight gradient of sample n: S1 = sum_n W_n and S2 = sum_n W_n^2.
+    gy must be gradients of the per-sample losses: with a mean-reduced loss over N samples, multiply the
+    output gradient by N first (or use reduction="sum").
+
+    Args:
+        x: the layer input, [N, I] or [N, T, I] (T: sequence positions sharing the weight).
+        gy: the gradient of the layer output, [N, O] or [N, T, O].
+        bias: also return the bias moments sum_n b_n and sum_n b_n^2 with b_n = sum_t gy[n, t].
+    Returns:
+        (S1, S2) each [O, I] (plus (B1, B2) each [O] with bias=True), float32 (float64 when x and gy are).
+        The T > 1 path keeps O(O * I) memory: it never stores the N per-sample gradients.
+    """
+    check.tensor("x", x, dims=(2, 3))
+    check.tensor("gy", gy, dims=(x.dim(),))
+    check.same_device("x", x, gy=gy)
+    if gy.shape[:-1] != x.shape[:-1]:
+        lead = "[N]" if x.dim() == 2 else "[N, T]"
+        raise ValueError(f"gy must match x in its leading dims {lead}: x is {tuple(x.shape)}, "
+                         f"gy is {tuple(gy.shape)}")
+    if _backend(backend, x.device) == "reference":
+        result = reference.linear_moments(x, gy)
+    else:
+        result = torch.ops.modfuse.linear_moments(x, gy)
+    return tuple(result) if bias else tuple(result[:2])
+
+
+# Op 4 ---------------------------------------------------------------------------------------------------------
+def _aggregate_args(kappa, eps, evidence_max, dtype):
+    kappa = check.positive("kappa", kappa)
+    evidence_max = check.positive("evidence_max", evidence_max, allow_inf=True)
+    eps = reference.default_eps(dtype) if eps is None else check.positive("eps", eps)
+    return kappa, eps, evidence_max
+
+
+def _aggregate_result(result, return_uncertainty):
+    out, stats, uncertainty = result[0], result[1], (result[2] if len(result) > 2 else None)
+    return (out, stats, uncertainty) if return_uncertainty else (out, stats)
+
+
+def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1.0, eps: float | None = None,
+                         evidence_max: float = 1e6, return_uncertainty: bool = False, *,
+                         check_finite: bool = False, backend: str = "auto"):
+    """Uncertainty-calibrated aggregation of M modalities' gradients (SPEC Op 4), one pass over S1 and S2.
+
+    Per element d: mean mu_m = S1_m / n_m, sample variance v_m, evidence e_m = clamp(n_m mu_m^2 / (v_m + eps)
+    - 1, 0, evidence_max), belief b_m = e_m / (e_m + kappa), and out = sum_m b_m mu_m (positive-part
+    James-Stein shrinkage of every modality's mean gradient; b_m in [0, 1), so nothing is amplified).
+
+    Args:
+        S1, S2: [M, D] sums and sums of squares of the samples (1 <= M <= 16, D >= 1), one float dtype.
+        n: [M] sample counts (tensor or numbers), each >= 2.
+        kappa: prior weight of the subjective-logic opinions, > 0.
+        eps: variance floor, > 0; default 1e-30 for float64, 1e-20 otherwise.
+        evidence_max: cap on the evidence, > 0 (inf allowed).
+        return_uncertainty: also return the fused uncertainty u[D] = prod_m kappa / (e_m + kappa).
+    Returns:
+        out [D] in S1's dtype; stats [M, 4] float32 (float64 for float64) holding per modality
+        (sum_d mu^2, sum_d (b mu)^2, mean_d b, fraction of d with e = 0); and with return_uncertainty u [D].
+    """
+    check.tensor("S1", S1, dims=2)
+    check.tensor("S2", S2, dims=2, dtypes=(S1.dtype,))
+    check.shape("S2", S2, S1.shape, "S1.shape [M, D]")
+    check.same_device("S1", S1, S2=S2)
+    M, D = S1.shape
+    check.modalities("S1", M)
+    if D < 1:
+        raise ValueError("S1 must have D >= 1 elements per modality, got D = 0")
+    counts = check.counts(n, M, S1.device, _acc(S1.dtype))
+    kappa, eps, evidence_max = _aggregate_args(kappa, eps, evidence_max, S1.dtype)
+    if check_finite:
+        check.finite_per_modality("S1", S1)
+        check.finite_per_modality("S2", S2)
+    S1, S2 = S1.contiguous(), S2.contiguous()
+    if _backend(backend, S1.device) == "reference":
+        result = reference.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max, return_uncertainty)
+    else:
+        result = torch.ops.modfuse.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max, return_uncertainty)
+    return _aggregate_result(result, return_uncertainty)
+
+
+def calibrated_aggregate_samples(G: torch.Tensor, kappa: float = 1.0, eps: float | None = None,
+                                 evidence_max: float = 1e6, return_uncertainty: bool = False, *,
+                                 check_finite: bool = False, backend: str = "auto"):
+    """SPEC Op 4 straight from the samples G[M, K, D] (2 <= K <= 64): G is read once and S1/S2 never exist.
+
+    Same math and returns as calibrated_aggregate with n_m = K, but the variance is the two-pass
+    sum_k (g - mu)^2 / (K - 1), which is exact where S2 - n mu^2 would cancel.
+    """
+    check.tensor("G", G, dims=3)
+    M, K, D = G.shape
+    check.modalities("G", M)
+    if not 2 <= K <= check.MAX_SAMPLES:
+        raise ValueError(f"G must hold 2 <= K <= {check.MAX_SAMPLES} samples along dim 1, got K = {K}; for more "
+                         "samples accumulate moments (moments / moments_accumulate_) and call calibrated_aggregate")
+    if D < 1:
+        raise ValueError("G must have D >= 1 elements per sample, got D = 0")
+    kappa, eps, evidence_max = _aggregate_args(kappa, eps, evidence_max, G.dtype)
+    if check_finite:
+        check.finite_per_modality("G", G)
+    G = G.contiguous()
+    if _backend(backend, G.device) == "reference":
+        result = reference.calibrated_aggregate_samples(G, kappa, eps, evidence_max, return_uncertainty)
+    else:
+        result = torch.ops.modfuse.calibrated_aggregate_samples(G, kappa, eps, evidence_max, return_uncertainty)
+    return _aggregate_result(result, return_uncertainty)
+
+
+# Op 5 ---------------------------------------------------------------------------------------------------------
+MAX_GRAM_ROWS = 64
+
+
+def gram(X: torch.Tensor, *, check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Gram matrix out[i, j] = sum_d X[i, d] X[j, d] of R <= 64 gradient rows, in one pass over X.
+
+    Accumulated in float32 (float64), returned symmetric in X's dtype. For MGDA / MMPareto min-norm weights and
+    cosine similarities between modality gradients.
+    """
+    check.tensor("X", X, dims=2)
+    if not 1 <= X.shape[0] <= MAX_GRAM_ROWS:
+        raise ValueError(f"X must have 1 <= R <= {MAX_GRAM_ROWS} rows, got R = {X.shape[0]}")
+    if check_finite:
+        check.finite_per_modality("X", X)
+    X = X.contiguous()
+    if _backend(backend, X.device) == "reference":
+        return reference.gram(X)
+    return torch.ops.modfuse.gram(X)
+
+
+# Op 6 ---------------------------------------------------------------------------------------------------------
+def weighted_sum(X: torch.Tensor, w: torch.Tensor, *, check_finite: bool = False,
+                 backend: str = "auto") -> torch.Tensor:
+    """out[D] = sum_r w_r X_r, in X's dtype.
+
+    Args:
+        X: [R, D] rows (for example per-modality gradients).
+        w: [R] one weight per row (any float dtype, applied in the accumulation dtype), or [R, D] one weight
+            per element (X's dtype).
+    """
+    check.tensor("X", X, dims=2)
+    check.tensor("w", w, dims=(1, 2))
+    check.same_device("X", X, w=w)
+    R, D = X.shape
+    if w.dim() == 1:
+        check.shape("w", w, (R,), "[R]")
+        w = w.to(_acc(X.dtype))
+    else:
+        check.shape("w", w, (R, D), "[R, D]")
+        if w.dtype != X.dtype:
+            raise TypeError(f"w of shape [R, D] must have X's dtype {str(X.dtype).removeprefix('torch.')}, got "
+                            f"{str(w.dtype).removeprefix('torch.')} (convert it once yourself; a hidden "
+                            "conversion would cost a pass over R * D values)")
+    if check_finite:
+        check.finite_per_modality("X", X)
+        check.finite_per_modality("w", w.reshape(R, -1))
+    X, w = X.contiguous(), w.contiguous()
+    if _backend(backend, X.device) == "reference":
+        return reference.weighted_sum(X, w)
+    return torch.ops.modfuse.weighted_sum(X, w)
+
+
+def segment_scale_(x: torch.Tensor, offsets, scale, *, noise_std=None, generator: torch.Generator | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Scale every segment of x in place: x[seg p] *= scale[p]; with noise_std also add N(0, noise_std[p]^2).
+
+    Args:
+        x: contiguous [D] buffer (for example a flat gradient bank of one encoder), written in place.
+        offsets: int64 [P + 1] segment boundaries (see segment_sq_norms).
+        scale: [P] per-segment factors (tensor or numbers).
+        noise_std: optional [P] standard deviations (>= 0). The noise is one draw torch.randn(D) in the
+            accumulation dtype from `generator` (default generator if None), so a seeded generator reproduces it.
+    Returns:
+        x.
+    """
+    check.tensor("x", x, dims=1)
+    check.contiguous_output("x", x)
+    off = check.offsets(offsets, x.shape[0])
+    P = off.numel() - 1
+    acc = _acc(x.dtype)
+    scale = _per_segment("scale", scale, P, x.device, acc)
+    noise = None
+    if noise_std is not None:
+        noise_std = _per_segment("noise_std", noise_std, P, x.device, acc)
+        if bool((noise_std < 0).any()):
+            raise ValueError("noise_std must be >= 0 for every segment")
+        if generator is not None and generator.device != x.device:
+            raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
+        noise = torch.randn(x.shape[0], generator=generator, dtype=acc, device=x.device)
+    if _backend(backend, x.device) == "reference":
+        reference.segment_scale_(x, off.to(x.device), scale, noise_std, noise=noise)
+    else:
+        torch.ops.modfuse.segment_scale_(x, off, scale, noise, noise_std)
+    return x
+
+
+def _per_segment(name: str, values, P: int, device, dtype) -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=dtype)
+    check.tensor(name, t, dims=1, dtypes=check.FLOAT_DTYPES + (torch.int64, torch.int32))
+    check.shape(name, t, (P,), "[P] (one per segment)")
+    t = t.to(device=device, dtype=dtype).contiguous()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite for every segment")
+    return t
+
+
+# Fake (meta) kernels: shapes and dtypes only, so torch.compile / export trace the ops without running them.
+if _C is not None:
+
+    @torch.library.register_fake("modfuse::segment_sq_norms")
+    def _segment_sq_norms_fake(x, offsets):
+        return x.new_empty(x.shape[0], offsets.shape[0] - 1, dtype=_acc(x.dtype))
+
+    @torch.library.register_fake("modfuse::moments")
+    def _moments_fake(G):
+        M, _, D = G.shape
+        return G.new_empty(M, D, dtype=_acc(G.dtype)), G.new_empty(M, D, dtype=_acc(G.dtype))
+
+    @torch.library.register_fake("modfuse::moments_accumulate_")
+    def _moments_accumulate_fake(S1, S2, g):
+        return None
+
+    @torch.library.register_fake("modfuse::linear_moments")
+    def _linear_moments_fake(x, gy):
+        acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
+        O, I = gy.shape[-1], x.shape[-1]
+        return (x.new_empty(O, I, dtype=acc), x.new_empty(O, I, dtype=acc), x.new_empty(O, dtype=acc),
+                x.new_empty(O, dtype=acc))
+
+    def _aggregate_fake(like, M, D, return_uncertainty):
+        return (like.new_empty(D), like.new_empty(M, 4, dtype=_acc(like.dtype)),
+                like.new_empty(D if return_uncertainty else 0))
+
+    @torch.library.register_fake("modfuse::calibrated_aggregate")
+    def _calibrated_aggregate_fake(S1, S2, n, kappa=1.0, eps=None, evidence_max=1e6, return_uncertainty=False):
+        return _aggregate_fake(S1, S1.shape[0], S1.shape[1], return_uncertainty)
+
+    @torch.library.register_fake("modfuse::calibrated_aggregate_samples")
+    def _calibrated_aggregate_samples_fake(G, kappa=1.0, eps=None, evidence_max=1e6, return_uncertainty=False):
+        return _aggregate_fake(G, G.shape[0], G.shape[2], return_uncertainty)
+
+    @torch.library.register_fake("modfuse::gram")
+    def _gram_fake(X):
+        return X.new_empty(X.shape[0], X.shape[0])
+
+    @torch.library.register_fake("modfuse::weighted_sum")
+    def _weighted_sum_fake(X, w):
+        return X.new_empty(X.shape[1])
+
+    @torch.library.register_fake("modfuse::segment_scale_")
+    def _segment_scale_fake(x, offsets, scale, noise=None, noise_std=None):
+        return None
