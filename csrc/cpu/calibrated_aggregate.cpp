@@ -23,45 +23,63 @@ struct Params {
 
 // SPEC steps 2-3 with a single division. With A = n mu^2 and B = v + eps, t2 = A / B, so
 // e = clamp(t2 - 1, 0, emax) = clamp(A - B, 0, emax * B) / B, b = e / (e + kappa) = en / (en + kappa * B) and
-// u = kappa * B / (en + kappa * B). Comparisons are ordered so that NaN passes through (as torch.clamp does).
-template <typename A>
-inline void opinion(A mu, A ssd, A n, A inv_nm1, const Params<A>& p, A& b, A& u, A& en) {
-  ssd = ssd < A(0) ? A(0) : ssd;  // rounding can make S2 - n mu^2 slightly negative
-  const A B = ssd * inv_nm1 + p.eps;
+// u = kappa * B / (en + kappa * B). X is one value or one vector tile; comparisons are ordered so that NaN
+// passes through (as torch.clamp does).
+template <typename X, typename A>
+inline void opinion(X mu, X ssd, A n, A inv_nm1, const Params<A>& p, X& b, X& u, X& en) {
+  const X zero = X{};
+  ssd = ssd < zero ? zero : ssd;  // rounding can make S2 - n mu^2 slightly negative
+  const X B = ssd * inv_nm1 + p.eps;
   en = n * mu * mu - B;
-  en = en < A(0) ? A(0) : en;
-  const A cap = p.evidence_max * B;
+  en = en < zero ? zero : en;
+  const X cap = p.evidence_max * B;
   en = en > cap ? cap : en;
-  const A kB = p.kappa * B;
-  const A r = A(1) / (en + kB);
+  const X kB = p.kappa * B;
+  const X r = A(1) / (en + kB);
   b = en * r;
   u = kB * r;
 }
 
-// Add modality m's contribution over [begin, end) to the chunk accumulators (o: output, uu: product of u) and
-// write its four stats partials. moments_at(d, mu, ssd) yields the mean and the sum of squared deviations.
+// Running per-modality stats of one chunk: (sum mu^2, sum (b mu)^2, sum b, count of e = 0).
+template <typename X>
+struct StatsAcc {
+  X mu2{}, bmu2{}, b{}, zero_evidence{};
+};
+
+// Add modality m's contribution at d (one value or one tile, by X) to the chunk accumulators: o (output) and
+// uu (product of u), both indexed from the chunk's start.
+template <typename X, typename A, typename MomentsAt>
+inline void add_at(int64_t d, int64_t begin, A n, A inv_nm1, const Params<A>& p, const MomentsAt& moments_at, A* o,
+                   A* uu, StatsAcc<X>& st) {
+  X mu, ssd, b, u, en;
+  moments_at(d, mu, ssd);
+  opinion(mu, ssd, n, inv_nm1, p, b, u, en);
+  const X bmu = b * mu;
+  store_as(o + (d - begin), load_as<X>(o + (d - begin)) + bmu);
+  store_as(uu + (d - begin), load_as<X>(uu + (d - begin)) * u);
+  const X zero = X{};
+  st.mu2 += mu * mu;
+  st.bmu2 += bmu * bmu;
+  st.b += b;
+  st.zero_evidence += en == zero ? zero + A(1) : zero;
+}
+
+// Modality m over [begin, end): whole vector tiles, then the scalar tail, then the four stats partials.
+// moments_at(d, mu, ssd) is generic in its value type and yields the mean and sum of squared deviations.
 template <typename A, typename MomentsAt>
 inline void add_modality(int64_t begin, int64_t end, A n, const Params<A>& p, const MomentsAt& moments_at, A* o,
                          A* uu, double* partial) {
   constexpr int V = kLanes<A>;
   const A inv_nm1 = A(1) / (n - A(1));
-  A sum_mu2[V] = {}, sum_bmu2[V] = {}, sum_b[V] = {}, zero_evidence[V] = {};
-  for_each_lane<A>(begin, end, [&](int64_t d, int l) {
-    A mu, ssd, b, u, en;
-    moments_at(d, mu, ssd);
-    opinion(mu, ssd, n, inv_nm1, p, b, u, en);
-    const A bmu = b * mu;
-    o[d - begin] += bmu;
-    uu[d - begin] *= u;
-    sum_mu2[l] += mu * mu;
-    sum_bmu2[l] += bmu * bmu;
-    sum_b[l] += b;
-    zero_evidence[l] += en == A(0) ? A(1) : A(0);
-  });
-  partial[0] = lane_sum(sum_mu2);
-  partial[1] = lane_sum(sum_bmu2);
-  partial[2] = lane_sum(sum_b);
-  partial[3] = lane_sum(zero_evidence);
+  StatsAcc<Vec<A>> tiles;
+  StatsAcc<A> tail;
+  int64_t d = begin;
+  for (; d + V <= end; d += V) add_at(d, begin, n, inv_nm1, p, moments_at, o, uu, tiles);
+  for (; d < end; ++d) add_at(d, begin, n, inv_nm1, p, moments_at, o, uu, tail);
+  partial[0] = lane_sum(tiles.mu2) + tail.mu2;
+  partial[1] = lane_sum(tiles.bmu2) + tail.bmu2;
+  partial[2] = lane_sum(tiles.b) + tail.b;
+  partial[3] = lane_sum(tiles.zero_evidence) + tail.zero_evidence;
 }
 
 template <typename T>
@@ -102,10 +120,11 @@ void calibrated_aggregate(const T* S1, const T* S2, const acc_t<T>* n, int64_t M
       const T* s1 = S1 + m * D;
       const T* s2 = S2 + m * D;
       const A inv_n = A(1) / n[m];
-      add_modality<A>(begin, end, n[m], p, [&](int64_t d, A& mu, A& ssd) {
-        const A x1 = load(s1[d]);
+      add_modality<A>(begin, end, n[m], p, [&](int64_t d, auto& mu, auto& ssd) {
+        using X = std::decay_t<decltype(mu)>;
+        const X x1 = load_as<X>(s1 + d);
         mu = x1 * inv_n;
-        ssd = load(s2[d]) - x1 * mu;  // S2 - n mu^2
+        ssd = load_as<X>(s2 + d) - x1 * mu;  // S2 - n mu^2
       }, o, uu, &partials[(c * M + m) * 4]);
     }
     store_chunk<T>(begin, end, o, uu, out, uncertainty);
@@ -139,9 +158,10 @@ void calibrated_aggregate_samples(const T* G, int64_t M, int64_t K, int64_t D, a
           const A dev = load(g[k * D + i]) - mu[i];
           ssd[i] += dev * dev;
         }
-      add_modality<A>(begin, end, A(K), p, [&](int64_t d, A& mu_d, A& ssd_d) {
-        mu_d = mu[d - begin];
-        ssd_d = ssd[d - begin];
+      add_modality<A>(begin, end, A(K), p, [&](int64_t d, auto& mu_d, auto& ssd_d) {
+        using X = std::decay_t<decltype(mu_d)>;
+        mu_d = load_as<X>(mu + (d - begin));
+        ssd_d = load_as<X>(ssd + (d - begin));
       }, o, uu, &partials[(c * M + m) * 4]);
     }
     store_chunk<T>(begin, end, o, uu, out, uncertainty);

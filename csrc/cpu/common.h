@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -48,6 +49,59 @@ template <> inline c10::Half store<c10::Half>(float v) {
 #endif
 }
 
+// One tile of kLanes accumulation-type values as a GCC/Clang vector: arithmetic, comparisons and ?: act lane by
+// lane and compile to the widest vectors the target has (AVX-512, AVX2 pairs, SSE quads) with no intrinsics.
+// (The attribute must sit on concrete typedefs: GCC ignores it on a dependent template type.)
+typedef float VecFloat __attribute__((vector_size(64)));
+typedef double VecDouble __attribute__((vector_size(64)));
+template <typename A> struct VecOf;
+template <> struct VecOf<float> { using type = VecFloat; };
+template <> struct VecOf<double> { using type = VecDouble; };
+template <typename A> using Vec = typename VecOf<A>::type;
+
+// Load kLanes values of T from p (any alignment) converted to the accumulation type.
+inline Vec<float> load_vec(const float* p) { Vec<float> v; std::memcpy(&v, p, sizeof v); return v; }
+inline Vec<double> load_vec(const double* p) { Vec<double> v; std::memcpy(&v, p, sizeof v); return v; }
+inline Vec<float> load_vec(const c10::BFloat16* p) {
+  typedef uint16_t U16 __attribute__((vector_size(32)));
+  typedef uint32_t U32 __attribute__((vector_size(64)));
+  U16 bits;
+  std::memcpy(&bits, p, sizeof bits);
+  const U32 wide = __builtin_convertvector(bits, U32) << 16;
+  Vec<float> v;
+  std::memcpy(&v, &wide, sizeof v);
+  return v;
+}
+inline Vec<float> load_vec(const c10::Half* p) {
+#ifdef __FLT16_MAX__
+  typedef _Float16 H16 __attribute__((vector_size(32)));
+  H16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, Vec<float>);
+#else
+  Vec<float> v;
+  for (int l = 0; l < 16; ++l) v[l] = float(p[l]);
+  return v;
+#endif
+}
+
+// load_as<X>(p): one value (X = acc_t<T>) or one tile (X = Vec<acc_t<T>>) from p, so a generic body serves the
+// vectorized tiles and the scalar tail alike.
+template <typename X, typename T>
+inline X load_as(const T* p) {
+  if constexpr (std::is_same_v<X, acc_t<T>>)
+    return load(*p);
+  else
+    return load_vec(p);
+}
+template <typename X, typename A>
+inline void store_as(A* p, X v) {
+  if constexpr (std::is_same_v<X, A>)
+    *p = v;
+  else
+    std::memcpy(p, &v, sizeof v);
+}
+
 // Run f(chunk, begin, end) over fixed chunks of [0, n). Chunk boundaries do not depend on the thread count, so
 // per-chunk partial results combined in chunk order are bit-identical however many threads run.
 template <typename F>
@@ -71,22 +125,11 @@ inline std::vector<SegmentBlock> segment_blocks(const int64_t* offsets, int64_t 
   return blocks;
 }
 
-// Apply body(d, lane) to every d in [begin, end): whole tiles of kLanes first (the vectorized path), then the
-// tail with the same body.
-template <typename A, typename Body>
-inline void for_each_lane(int64_t begin, int64_t end, const Body& body) {
-  constexpr int V = kLanes<A>;
-  int64_t d0 = begin;
-  for (; d0 + V <= end; d0 += V)
-    for (int l = 0; l < V; ++l) body(d0 + l, l);
-  for (int l = 0; d0 + l < end; ++l) body(d0 + l, l);
-}
-
-// Sum of a lane accumulator in double, so per-chunk partials are exact to well below float32 rounding.
-template <typename A>
-inline double lane_sum(const A* lanes) {
+// Sum of a tile's lanes in double, so per-chunk partials are exact to well below float32 rounding.
+template <typename X>
+inline double lane_sum(const X& tile) {
   double s = 0;
-  for (int l = 0; l < kLanes<A>; ++l) s += lanes[l];
+  for (int l = 0; l < int(sizeof(X) / sizeof(tile[0])); ++l) s += tile[l];
   return s;
 }
 

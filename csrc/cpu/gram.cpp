@@ -17,18 +17,22 @@ void gram(const T* X, int64_t R, int64_t D, T* out) {
   const int64_t nchunks = (D + kGramChunk - 1) / kGramChunk;
   std::vector<double> partials(nchunks * pairs, 0.0);
   parallel_chunks(D, kGramChunk, [&](int64_t c, int64_t begin, int64_t end) {
-    std::vector<A> lanes(pairs * V, A(0));  // lanes[(pair) * V + l]
-    A tile[kGramMaxRows][V];
-    for (int64_t d0 = begin; d0 < end; d0 += V) {
-      const int nl = int(std::min<int64_t>(V, end - d0));
-      for (int64_t i = 0; i < R; ++i)
-        for (int l = 0; l < V; ++l) tile[i][l] = l < nl ? load(X[i * D + d0 + l]) : A(0);  // zero-padded tail
+    std::vector<Vec<A>> acc(pairs, Vec<A>{});  // one vector accumulator per pair (i >= j)
+    Vec<A> tile[kGramMaxRows];
+    int64_t d = begin;
+    for (; d + V <= end; d += V) {
+      for (int64_t i = 0; i < R; ++i) tile[i] = load_vec(X + i * D + d);
       int64_t pair = 0;
       for (int64_t i = 0; i < R; ++i)
-        for (int64_t j = 0; j <= i; ++j, ++pair)
-          for (int l = 0; l < V; ++l) lanes[pair * V + l] += tile[i][l] * tile[j][l];
+        for (int64_t j = 0; j <= i; ++j, ++pair) acc[pair] += tile[i] * tile[j];
     }
-    for (int64_t pair = 0; pair < pairs; ++pair) partials[c * pairs + pair] = lane_sum(&lanes[pair * V]);
+    int64_t pair = 0;
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t j = 0; j <= i; ++j, ++pair) {
+        double s = lane_sum(acc[pair]);
+        for (int64_t t = d; t < end; ++t) s += double(A(load(X[i * D + t]) * load(X[j * D + t])));
+        partials[c * pairs + pair] = s;
+      }
   });
   int64_t pair = 0;
   for (int64_t i = 0; i < R; ++i)

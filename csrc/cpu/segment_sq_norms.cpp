@@ -18,12 +18,17 @@ void segment_sq_norms(const T* x, int64_t R, int64_t D, const int64_t* offsets, 
     const int64_t r = item / nblocks;
     const SegmentBlock& blk = blocks[item % nblocks];
     const T* row = x + r * D;
-    A lanes[kLanes<A>] = {};
-    for_each_lane<A>(blk.begin, blk.end, [&](int64_t d, int l) {
-      const A v = load(row[d]);
-      lanes[l] += v * v;
-    });
-    partials[item] = lane_sum(lanes);
+    constexpr int V = kLanes<A>;
+    Vec<A> acc = {};
+    int64_t d = blk.begin;
+    for (; d + V <= blk.end; d += V) {
+      const Vec<A> v = load_vec(row + d);
+      acc += v * v;
+    }
+    double sum = 0;
+    for (; d < blk.end; ++d) sum += double(load(row[d])) * load(row[d]);
+    for (int l = 0; l < V; ++l) sum += acc[l];
+    partials[item] = sum;
   });
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t p = 0; p < P; ++p) out[r * P + p] = A(0);
