@@ -15,6 +15,7 @@ namespace {
 
 constexpr int64_t kChunk = 2048;         // elements of D per work item (moments form)
 constexpr int64_t kSamplesChunk = 1024;  // samples form: K * kSamplesChunk values stay in L2 for pass two
+constexpr int64_t kMaxModalities = 16;     // SPEC: M <= 16; per-modality accumulators live on the stack
 
 template <typename A>
 struct Params {
@@ -46,40 +47,37 @@ struct StatsAcc {
   X mu2{}, bmu2{}, b{}, zero_evidence{};
 };
 
-// Add modality m's contribution at d (one value or one tile, by X) to the chunk accumulators: o (output) and
-// uu (product of u), both indexed from the chunk's start.
-template <typename X, typename A, typename MomentsAt>
-inline void add_at(int64_t d, int64_t begin, A n, A inv_nm1, const Params<A>& p, const MomentsAt& moments_at, A* o,
-                   A* uu, StatsAcc<X>& st) {
-  X mu, ssd, b, u, en;
-  moments_at(d, mu, ssd);
+// Add one modality's contribution at one element or tile (by X) to the running output o, the product of
+// uncertainties uu and that modality's stats.
+template <typename X, typename A>
+inline void accumulate(X mu, X ssd, A n, A inv_nm1, const Params<A>& p, X& o, X& uu, StatsAcc<X>& st) {
+  X b, u, en;
   opinion(mu, ssd, n, inv_nm1, p, b, u, en);
   const X bmu = b * mu;
-  store_as(o + (d - begin), load_as<X>(o + (d - begin)) + bmu);
-  store_as(uu + (d - begin), load_as<X>(uu + (d - begin)) * u);
   const X zero = X{};
+  o += bmu;
+  uu *= u;
   st.mu2 += mu * mu;
   st.bmu2 += bmu * bmu;
   st.b += b;
   st.zero_evidence += en == zero ? zero + A(1) : zero;
 }
 
-// Modality m over [begin, end): whole vector tiles, then the scalar tail, then the four stats partials.
-// moments_at(d, mu, ssd) is generic in its value type and yields the mean and sum of squared deviations.
-template <typename A, typename MomentsAt>
-inline void add_modality(int64_t begin, int64_t end, A n, const Params<A>& p, const MomentsAt& moments_at, A* o,
-                         A* uu, double* partial) {
-  constexpr int V = kLanes<A>;
-  const A inv_nm1 = A(1) / (n - A(1));
-  StatsAcc<Vec<A>> tiles;
-  StatsAcc<A> tail;
-  int64_t d = begin;
-  for (; d + V <= end; d += V) add_at(d, begin, n, inv_nm1, p, moments_at, o, uu, tiles);
-  for (; d < end; ++d) add_at(d, begin, n, inv_nm1, p, moments_at, o, uu, tail);
+template <typename A>
+inline void write_partials(const StatsAcc<Vec<A>>& tiles, const StatsAcc<A>& tail, double* partial) {
   partial[0] = lane_sum(tiles.mu2) + tail.mu2;
   partial[1] = lane_sum(tiles.bmu2) + tail.bmu2;
   partial[2] = lane_sum(tiles.b) + tail.b;
   partial[3] = lane_sum(tiles.zero_evidence) + tail.zero_evidence;
+}
+
+// Store one output value or tile in T.
+template <typename T, typename X>
+inline void store_out(T* p, X v) {
+  if constexpr (std::is_same_v<X, acc_t<T>>)
+    *p = store<T>(v);
+  else
+    store_vec(p, v);
 }
 
 template <typename T>
@@ -109,25 +107,36 @@ template <typename T>
 void calibrated_aggregate(const T* S1, const T* S2, const acc_t<T>* n, int64_t M, int64_t D, acc_t<T> kappa,
                           acc_t<T> eps, acc_t<T> evidence_max, T* out, T* uncertainty, acc_t<T>* stats) {
   using A = acc_t<T>;
+  constexpr int V = kLanes<A>;
   const Params<A> p{kappa, eps, evidence_max};
+  A inv_n[kMaxModalities], inv_nm1[kMaxModalities];
+  for (int64_t m = 0; m < M; ++m) {
+    inv_n[m] = A(1) / n[m];
+    inv_nm1[m] = A(1) / (n[m] - A(1));
+  }
   const int64_t nchunks = (D + kChunk - 1) / kChunk;
   std::vector<double> partials(nchunks * M * 4);
   parallel_chunks(D, kChunk, [&](int64_t c, int64_t begin, int64_t end) {
-    A o[kChunk], uu[kChunk];
-    std::fill(o, o + (end - begin), A(0));
-    std::fill(uu, uu + (end - begin), A(1));
-    for (int64_t m = 0; m < M; ++m) {
-      const T* s1 = S1 + m * D;
-      const T* s2 = S2 + m * D;
-      const A inv_n = A(1) / n[m];
-      add_modality<A>(begin, end, n[m], p, [&](int64_t d, auto& mu, auto& ssd) {
-        using X = std::decay_t<decltype(mu)>;
-        const X x1 = load_as<X>(s1 + d);
-        mu = x1 * inv_n;
-        ssd = load_as<X>(s2 + d) - x1 * mu;  // S2 - n mu^2
-      }, o, uu, &partials[(c * M + m) * 4]);
-    }
-    store_chunk<T>(begin, end, o, uu, out, uncertainty);
+    // Elements outer, modalities inner: all 2M input streams advance together through contiguous memory
+    // (prefetch-friendly) and the output and uncertainty of a tile stay in registers.
+    StatsAcc<Vec<A>> tiles[kMaxModalities];
+    StatsAcc<A> tail[kMaxModalities];
+    auto element = [&](int64_t d, auto* st) {
+      using X = std::decay_t<decltype(st->mu2)>;
+      X o{}, uu = X{} + A(1);
+      for (int64_t m = 0; m < M; ++m) {
+        const X x1 = load_as<X>(S1 + m * D + d);
+        const X mu = x1 * inv_n[m];
+        const X ssd = load_as<X>(S2 + m * D + d) - x1 * mu;  // S2 - n mu^2
+        accumulate(mu, ssd, n[m], inv_nm1[m], p, o, uu, st[m]);
+      }
+      store_out(out + d, o);
+      if (uncertainty) store_out(uncertainty + d, uu);
+    };
+    int64_t d = begin;
+    for (; d + V <= end; d += V) element(d, tiles);
+    for (; d < end; ++d) element(d, tail);
+    for (int64_t m = 0; m < M; ++m) write_partials(tiles[m], tail[m], &partials[(c * M + m) * 4]);
   });
   reduce_stats(partials, nchunks, M, D, stats);
 }
@@ -139,7 +148,8 @@ void calibrated_aggregate_samples(const T* G, int64_t M, int64_t K, int64_t D, a
   const Params<A> p{kappa, eps, evidence_max};
   const int64_t nchunks = (D + kSamplesChunk - 1) / kSamplesChunk;
   std::vector<double> partials(nchunks * M * 4);
-  const A inv_K = A(1) / A(K);
+  constexpr int V = kLanes<A>;
+  const A inv_K = A(1) / A(K), inv_Km1 = A(1) / A(K - 1);
   parallel_chunks(D, kSamplesChunk, [&](int64_t c, int64_t begin, int64_t end) {
     const int64_t len = end - begin;
     A o[kSamplesChunk], uu[kSamplesChunk], mu[kSamplesChunk], ssd[kSamplesChunk];
@@ -158,11 +168,19 @@ void calibrated_aggregate_samples(const T* G, int64_t M, int64_t K, int64_t D, a
           const A dev = load(g[k * D + i]) - mu[i];
           ssd[i] += dev * dev;
         }
-      add_modality<A>(begin, end, A(K), p, [&](int64_t d, auto& mu_d, auto& ssd_d) {
-        using X = std::decay_t<decltype(mu_d)>;
-        mu_d = load_as<X>(mu + (d - begin));
-        ssd_d = load_as<X>(ssd + (d - begin));
-      }, o, uu, &partials[(c * M + m) * 4]);
+      StatsAcc<Vec<A>> tiles;
+      StatsAcc<A> tail;
+      auto element = [&](int64_t i, auto& st) {
+        using X = std::decay_t<decltype(st.mu2)>;
+        X o_i = load_as<X>(o + i), uu_i = load_as<X>(uu + i);
+        accumulate(load_as<X>(mu + i), load_as<X>(ssd + i), A(K), inv_Km1, p, o_i, uu_i, st);
+        store_as(o + i, o_i);
+        store_as(uu + i, uu_i);
+      };
+      int64_t i = 0;
+      for (; i + V <= len; i += V) element(i, tiles);
+      for (; i < len; ++i) element(i, tail);
+      write_partials(tiles, tail, &partials[(c * M + m) * 4]);
     }
     store_chunk<T>(begin, end, o, uu, out, uncertainty);
   });
@@ -201,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cpu(const at
               "calibrated_aggregate: S1 and S2 must be [M, D] of one dtype");
   TORCH_CHECK(S1.is_contiguous() && S2.is_contiguous(), "calibrated_aggregate: S1 and S2 must be contiguous");
   const int64_t M = S1.size(0), D = S1.size(1);
+  TORCH_CHECK(M >= 1 && M <= kMaxModalities && D >= 1, "calibrated_aggregate: need 1 <= M <= 16 and D >= 1");
   TORCH_CHECK(n.dim() == 1 && n.size(0) == M, "calibrated_aggregate: n must be [M]");
   TORCH_CHECK(kappa > 0 && evidence_max > 0, "calibrated_aggregate: kappa and evidence_max must be > 0");
   auto [out, uncertainty, stats] = allocate_outputs(S1, M, D, return_uncertainty);
@@ -223,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cpu(
                                                                                 bool return_uncertainty) {
   TORCH_CHECK(G.dim() == 3 && G.is_contiguous(), "calibrated_aggregate_samples: G must be contiguous [M, K, D]");
   const int64_t M = G.size(0), K = G.size(1), D = G.size(2);
-  TORCH_CHECK(K >= 2, "calibrated_aggregate_samples: K must be >= 2");
+  TORCH_CHECK(K >= 2 && M >= 1 && D >= 1, "calibrated_aggregate_samples: need K >= 2, M >= 1 and D >= 1");
   TORCH_CHECK(kappa > 0 && evidence_max > 0, "calibrated_aggregate_samples: kappa and evidence_max must be > 0");
   auto [out, uncertainty, stats] = allocate_outputs(G, M, D, return_uncertainty);
   const double eps_v = resolve_eps(eps, G.scalar_type());

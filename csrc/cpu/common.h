@@ -85,6 +85,31 @@ inline Vec<float> load_vec(const c10::Half* p) {
 #endif
 }
 
+// Store one tile converted to T (the vector twins of store<T>).
+inline void store_vec(float* p, Vec<float> v) { std::memcpy(p, &v, sizeof v); }
+inline void store_vec(double* p, Vec<double> v) { std::memcpy(p, &v, sizeof v); }
+inline void store_vec(c10::BFloat16* p, Vec<float> v) {
+  typedef uint16_t U16 __attribute__((vector_size(32)));
+  typedef uint32_t U32 __attribute__((vector_size(64)));
+  typedef int32_t I32 __attribute__((vector_size(64)));
+  U32 u;
+  std::memcpy(&u, &v, sizeof u);
+  const U32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const I32 is_nan = v != v;
+  const U32 bits = is_nan ? U32{} + 0x7FC0u : rounded;
+  const U16 narrow = __builtin_convertvector(bits, U16);
+  std::memcpy(p, &narrow, sizeof narrow);
+}
+inline void store_vec(c10::Half* p, Vec<float> v) {
+#ifdef __FLT16_MAX__
+  typedef _Float16 H16 __attribute__((vector_size(32)));
+  const H16 h = __builtin_convertvector(v, H16);
+  std::memcpy(p, &h, sizeof h);
+#else
+  for (int l = 0; l < 16; ++l) p[l] = c10::Half(v[l]);
+#endif
+}
+
 // load_as<X>(p): one value (X = acc_t<T>) or one tile (X = Vec<acc_t<T>>) from p, so a generic body serves the
 // vectorized tiles and the scalar tail alike.
 template <typename X, typename T>
