@@ -259,8 +259,9 @@ MAX_GRAM_ROWS = 64
 def gram(X: torch.Tensor, *, check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
     """Gram matrix out[i, j] = sum_d X[i, d] X[j, d] of R <= 64 gradient rows, in one pass over X.
 
-    Accumulated in float32 (float64), returned symmetric in X's dtype. For MGDA / MMPareto min-norm weights and
-    cosine similarities between modality gradients.
+    Accumulated in float32 (float64), returned symmetric in X's dtype (so a float16 result overflows to inf
+    above 65504: pass float32 rows if their squared norms can be that large). For MGDA / MMPareto min-norm
+    weights and cosine similarities between modality gradients.
     """
     check.tensor("X", X, dims=2)
     if not 1 <= X.shape[0] <= MAX_GRAM_ROWS:

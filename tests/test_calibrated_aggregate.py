@@ -1,0 +1,217 @@
+"""Op 4, both forms, against the reference, plus the properties SPEC.md lists."""
+import pytest
+import torch
+
+import modfuse as mf
+from modfuse import reference
+from conftest import DTYPE_IDS, DTYPES, RTOL, assert_close, gradient_samples, noncontiguous
+
+
+def banks(G, dtype):
+    """Moment banks of the float64 samples, rounded to `dtype` (what a caller would hand the op)."""
+    S1, S2 = reference.moments(G.double())
+    return S1.to(dtype), S2.to(dtype)
+
+
+def check_against_reference(result, expected, dtype):
+    out, stats, u = result
+    r_out, r_stats, r_u = expected
+    assert out.dtype == dtype and u.dtype == dtype
+    assert stats.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not out.isnan().any() and not stats.isnan().any() and not u.isnan().any()  # every element written
+    # |out| is bounded by sum |b mu|: that sets the absolute scale of rounding in the sum over modalities
+    assert_close(out, r_out, dtype)
+    assert_close(u, r_u, dtype, scale=1.0)
+    stat_rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    for j in range(2):
+        assert_close(stats[:, j], r_stats[:, j], dtype, rtol=stat_rtol)
+    D = out.numel()
+    # mean belief and the zero-evidence fraction: a borderline element may round to the other side (1/D each)
+    torch.testing.assert_close(stats[:, 2:].double(), r_stats[:, 2:], rtol=0, atol=stat_rtol + 2.0 / D)
+
+
+CASES = [(M, D) for M in (2, 3, 16) for D in (1, 7, 4099)] + [(2, 1 << 20), (3, 1 << 20)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M,D", CASES)
+def test_moments_form_matches_reference(M, D, dtype, gen):
+    K = 5
+    S1, S2 = banks(gradient_samples(M, K, D, torch.float64, gen), dtype)
+    n = torch.full((M,), float(K))
+    result = mf.calibrated_aggregate(S1, S2, n, return_uncertainty=True)
+    expected = reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True)
+    check_against_reference(result, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("K", [2, 5, 64])
+@pytest.mark.parametrize("M,D", [(2, 1), (3, 7), (16, 4099), (3, 4099)])
+def test_samples_form_matches_reference(M, K, D, dtype, gen):
+    G = gradient_samples(M, K, D, dtype, gen)
+    result = mf.calibrated_aggregate_samples(G, return_uncertainty=True)
+    expected = reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True)
+    check_against_reference(result, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_samples_form_large(dtype, gen):
+    G = gradient_samples(2, 5, 1 << 20, dtype, gen)
+    check_against_reference(mf.calibrated_aggregate_samples(G, return_uncertainty=True),
+                            reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True), dtype)
+
+
+def test_unequal_counts_and_options(gen):
+    M, D = 3, 4099
+    S1, S2 = banks(gradient_samples(M, 6, D, torch.float64, gen), torch.float32)
+    n = torch.tensor([6.0, 3.0, 12.0])
+    for kwargs in ({"kappa": 0.3}, {"kappa": 4.0, "evidence_max": 5.0}, {"eps": 1e-6}, {"evidence_max": float("inf")}):
+        result = mf.calibrated_aggregate(S1, S2, n, return_uncertainty=True, **kwargs)
+        expected = reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True, **kwargs)
+        check_against_reference(result, expected, torch.float32)
+    assert len(mf.calibrated_aggregate(S1, S2, n)) == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_noncontiguous_inputs(dtype, gen):
+    G = gradient_samples(3, 5, 4099, dtype, gen)
+    S1, S2 = banks(G, dtype)
+    n = torch.full((3,), 5.0)
+    check_against_reference(mf.calibrated_aggregate(noncontiguous(S1), noncontiguous(S2), n, return_uncertainty=True),
+                            reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True), dtype)
+    Gnc = noncontiguous(G)
+    check_against_reference(mf.calibrated_aggregate_samples(Gnc, return_uncertainty=True),
+                            reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True), dtype)
+
+
+# ---- SPEC properties, on random data --------------------------------------------------------------------------
+def test_infinite_evidence_gives_the_plain_sum(gen):
+    M, K, D = 3, 5, 4099
+    mean = torch.randn(M, 1, D, generator=gen, dtype=torch.float64)
+    G = mean + 1e-7 * torch.randn(M, K, D, generator=gen, dtype=torch.float64)  # t2 ~ 1e14
+    plain_sum = G.mean(1).sum(0)
+    out, _ = mf.calibrated_aggregate_samples(G, evidence_max=float("inf"))
+    torch.testing.assert_close(out, plain_sum, rtol=1e-9, atol=1e-9)
+    S1, S2 = reference.moments(G)
+    out, stats = mf.calibrated_aggregate(S1, S2, [K] * M, evidence_max=float("inf"))
+    torch.testing.assert_close(out, plain_sum, rtol=1e-6, atol=1e-6)  # S2 - n mu^2 cancels: still b ~ 1
+    assert (stats[:, 2] > 1 - 1e-6).all()
+
+
+@pytest.mark.parametrize("form", ["moments", "samples"])
+def test_permuting_modalities_changes_nothing(form, gen):
+    M, K, D = 5, 6, 4099
+    G = gradient_samples(M, K, D, torch.float32, gen)
+    perm = torch.randperm(M, generator=gen)
+    if form == "samples":
+        out, stats = mf.calibrated_aggregate_samples(G)
+        out_p, stats_p = mf.calibrated_aggregate_samples(G[perm])
+    else:
+        S1, S2 = mf.moments(G)
+        n = torch.arange(M, dtype=torch.float32) + 2
+        out, stats = mf.calibrated_aggregate(S1, S2, n)
+        out_p, stats_p = mf.calibrated_aggregate(S1[perm], S2[perm], n[perm])
+    torch.testing.assert_close(out_p, out, rtol=1e-6, atol=1e-6 * out.abs().max().item())
+    torch.testing.assert_close(stats_p, stats[perm])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_scaling_a_modality_scales_its_contribution_and_keeps_its_belief(dtype, gen):
+    M, K, D = 3, 8, 4099
+    G = gradient_samples(M, K, D, torch.float64, gen)
+    a = 7.25
+    G_scaled = G.clone()
+    G_scaled[1] *= a
+    _, stats = mf.calibrated_aggregate_samples(G.to(dtype))
+    out_s, stats_s = mf.calibrated_aggregate_samples(G_scaled.to(dtype))
+    mu = G.mean(1)
+    v = G.var(1)
+    _, b, _ = reference.calibration_opinions(mu, v, torch.full((M,), float(K), dtype=torch.float64))
+    expected = b[0] * mu[0] + a * b[1] * mu[1] + b[2] * mu[2]
+    assert_close(out_s, expected, dtype, rtol=1e-4 if dtype == torch.float32 else 1e-9)
+    torch.testing.assert_close(stats_s[:, 2], stats[:, 2], rtol=1e-5, atol=1e-6)  # mean belief unchanged
+    torch.testing.assert_close(stats_s[1, 0], stats[1, 0] * a * a, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_modality_without_evidence_contributes_exactly_zero(dtype, gen):
+    M, D, n = 3, 4099, 6.0
+    S1, S2 = banks(gradient_samples(M, int(n), D, torch.float64, gen), torch.float64)
+    # modality 0: t2 = n mu^2 / v <= 0.8 everywhere, so e = 0 and b = 0
+    mu0 = torch.randn(D, generator=gen, dtype=torch.float64)
+    t2 = 0.8 * torch.rand(D, generator=gen, dtype=torch.float64)
+    v0 = n * mu0**2 / t2.clamp_min(1e-3) + 1e-3
+    S1[0] = n * mu0
+    S2[0] = n * mu0**2 + (n - 1) * v0
+    S1, S2 = S1.to(dtype), S2.to(dtype)
+    counts = torch.full((M,), n)
+    out, stats = mf.calibrated_aggregate(S1, S2, counts)
+    out_without, _ = mf.calibrated_aggregate(S1[1:], S2[1:], counts[1:])
+    assert torch.equal(out, out_without)
+    assert stats[0, 1] == 0 and stats[0, 2] == 0 and stats[0, 3] == 1
+
+
+@pytest.mark.parametrize("form", ["moments", "samples"])
+def test_never_amplifies(form, gen):
+    G = gradient_samples(4, 5, 100_003, torch.float32, gen, signal=2.0)
+    if form == "samples":
+        out, _ = mf.calibrated_aggregate_samples(G, kappa=0.01)
+    else:
+        S1, S2 = mf.moments(G)
+        out, _ = mf.calibrated_aggregate(S1, S2, [5] * 4, kappa=0.01)
+    bound = G.double().mean(1).abs().sum(0)
+    assert (out.double().abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_noise_dimensions_shrink_signal_dimensions_keep(gen):
+    """What the op is for: elements whose per-modality gradients are pure noise are damped; consistent ones kept."""
+    M, K, D = 2, 16, 20_000
+    signal = torch.zeros(M, 1, D, dtype=torch.float64)
+    signal[:, :, : D // 2] = 3.0
+    G = signal + torch.randn(M, K, D, generator=gen, dtype=torch.float64)
+    out, _ = mf.calibrated_aggregate_samples(G.float())
+    plain = G.mean(1).sum(0)
+    assert out[: D // 2].double().div(plain[: D // 2]).mean() > 0.95
+    # measured: noise elements keep ~44% of the plain sum's magnitude and ~45% of them are exactly 0
+    assert out[D // 2:].double().abs().mean() < 0.6 * plain[D // 2:].abs().mean()
+    assert (out[D // 2:] == 0).double().mean() > 0.3
+
+
+# ---- NaN/Inf policy ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_propagates_to_its_element_only(dtype, bad, gen):
+    M, D = 3, 4099
+    S1, S2 = banks(gradient_samples(M, 5, D, torch.float64, gen), dtype)
+    clean, _ = mf.calibrated_aggregate(S1, S2, [5] * M)
+    S1[1, 100] = bad
+    out, stats = mf.calibrated_aggregate(S1, S2, [5] * M)
+    assert not out[100].isfinite()
+    others = torch.ones(D, dtype=torch.bool)
+    others[100] = False
+    assert torch.equal(out[others], clean[others])
+    assert stats[[0, 2]].isfinite().all() and not stats[1, 0].isfinite()
+    with pytest.raises(ValueError, match="S1 has NaN or Inf values in modality 1"):
+        mf.calibrated_aggregate(S1, S2, [5] * M, check_finite=True)
+
+
+def test_non_finite_samples(gen):
+    G = gradient_samples(3, 4, 50, torch.float32, gen)
+    G[2, 1, 7] = float("nan")
+    out, _ = mf.calibrated_aggregate_samples(G)
+    assert out[7].isnan() and out[torch.arange(50) != 7].isfinite().all()
+    with pytest.raises(ValueError, match="G has NaN or Inf values in modality 2"):
+        mf.calibrated_aggregate_samples(G, check_finite=True)
+
+
+def test_deterministic_across_runs_and_thread_counts(gen):
+    S1, S2 = banks(gradient_samples(3, 5, 300_001, torch.float64, gen), torch.float32)
+    first = mf.calibrated_aggregate(S1, S2, [5, 5, 5], return_uncertainty=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = mf.calibrated_aggregate(S1, S2, [5, 5, 5], return_uncertainty=True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, single):
+        assert torch.equal(a, b)
