@@ -1,0 +1,196 @@
+"""Side-by-side benchmark tables: modfuse vs the eager reference vs torch.compile(reference) (vs
+torch._foreach_norm for Op 1), in one run, with ratios. Writes bench/results/<date>-<device>.{json,md}.
+
+    python -m bench            # the full grid of the foundation issue (a few minutes on 2 cores)
+    python -m bench --quick    # D = 1M only, fewer repeats
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import modfuse
+from modfuse import reference
+from bench import cases
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def compiled(fn):
+    """A fresh torch.compile per shape, so no case runs into dynamo's recompile limit and falls back to eager."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def element_size(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def copy_ms(nbytes: int, repeats: int) -> float:
+    """A plain copy of the op's bytes: half read, half written, the floor for a memory-bound op."""
+    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return median_ms(lambda: dst.copy_(src), repeats)
+
+
+def run_case(rows, op, shape, dtype, nbytes, competitors, repeats, eager_repeats):
+    """competitors: name -> callable; the first one is modfuse."""
+    row = {"op": op, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "bytes": nbytes}
+    times = {}
+    for name, fn in competitors.items():
+        reps = eager_repeats if name == "eager reference" else repeats
+        times[name] = median_ms(fn, reps, warmup=1 if name == "eager reference" else 2)
+    times["copy (floor)"] = copy_ms(nbytes, repeats)
+    row["ms"] = times
+    ours = times["modfuse"]
+    row["ratio_vs_modfuse"] = {k: v / ours for k, v in times.items() if k != "modfuse"}
+    row["GBps_modfuse"] = nbytes / ours / 1e6
+    rows.append(row)
+    ratios = "  ".join(f"{k} {v:7.2f}x" for k, v in row["ratio_vs_modfuse"].items())
+    print(f"{op:30s} {shape:22s} {row['dtype']:9s} modfuse {ours:8.2f} ms {row['GBps_modfuse']:6.1f} GB/s | {ratios}",
+          flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="D = 1M only and fewer repeats")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the .json and .md results go")
+    args = parser.parse_args(argv)
+    repeats = 5 if args.quick else args.repeats
+    eager_repeats = 3
+    sizes = [1 << 20] if args.quick else [1 << 20, 4 << 20, 16 << 20]
+    rows = []
+    torch.manual_seed(0)
+    print(f"modfuse {modfuse.__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+          f"{cpu_name()}\nratios: competitor time / modfuse time (higher = modfuse faster)\n", flush=True)
+
+    # Op 4, moments form: reads 2*M*D, writes D.
+    for dtype in (torch.float32, torch.bfloat16):
+        for D in sizes:
+            for M in (2, 3, 4):
+                S1, S2, n = cases.moment_banks(M, D, dtype)
+                ref = reference.calibrated_aggregate
+                fast = compiled(ref)
+                run_case(rows, "calibrated_aggregate", f"M={M} D={D >> 20}M", dtype,
+                         (2 * M * D + D) * element_size(dtype),
+                         {"modfuse": lambda: modfuse.calibrated_aggregate(S1, S2, n),
+                          "eager reference": lambda: ref(S1, S2, n),
+                          "torch.compile(reference)": lambda: fast(S1, S2, n)}, repeats, eager_repeats)
+                del S1, S2
+
+    # Op 4, samples form: reads M*K*D, writes D.
+    for dtype in (torch.float32, torch.bfloat16):
+        for D in sizes[:2]:
+            M, K = 3, 8
+            G = cases.samples(M, K, D, dtype)
+            ref = reference.calibrated_aggregate_samples
+            fast = compiled(ref)
+            run_case(rows, "calibrated_aggregate_samples", f"M={M} K={K} D={D >> 20}M", dtype,
+                     (M * K * D + D) * element_size(dtype),
+                     {"modfuse": lambda: modfuse.calibrated_aggregate_samples(G),
+                      "eager reference": lambda: ref(G), "torch.compile(reference)": lambda: fast(G)},
+                     repeats, eager_repeats)
+            del G
+
+    # Op 1 over a ResNet-18-like parameter set: per-segment results vs torch._foreach_norm over the tensors.
+    for dtype in (torch.float32, torch.bfloat16):
+        flat, offsets, tensors = cases.resnet18_like(dtype)
+        x = flat[None]
+        ref = reference.segment_sq_norms
+        fast = compiled(ref)
+        run_case(rows, "segment_sq_norms", "resnet18 62 seg 11.7M", dtype, flat.numel() * element_size(dtype),
+                 {"modfuse": lambda: modfuse.segment_sq_norms(flat, offsets),
+                  "torch._foreach_norm": lambda: torch._foreach_norm(tensors),
+                  "eager reference": lambda: ref(x, offsets), "torch.compile(reference)": lambda: fast(x, offsets)},
+                 repeats, eager_repeats)
+
+    # Ops 2, 5, 6 at D = 4M (1M with --quick), M = 3, float32.
+    D, M, K = sizes[min(1, len(sizes) - 1)], 3, 4
+    G = cases.samples(M, K, D)
+    X = G[:, 0].contiguous()
+    w = torch.tensor([0.5, 1.0, 2.0])
+    for op, nbytes, ours, ref in (
+        ("moments", (M * K * D + 2 * M * D) * 4, lambda: modfuse.moments(G), reference.moments),
+        ("gram", M * D * 4, lambda: modfuse.gram(X), reference.gram),
+        ("weighted_sum", (M * D + D) * 4, lambda: modfuse.weighted_sum(X, w), reference.weighted_sum),
+    ):
+        args_ = (G,) if op == "moments" else (X,) if op == "gram" else (X, w)
+        fast = compiled(ref)
+        run_case(rows, op, f"M={M} D={D >> 20}M" + (f" K={K}" if op == "moments" else ""), torch.float32, nbytes,
+                 {"modfuse": ours, "eager reference": (lambda r=ref, a=args_: r(*a)),
+                  "torch.compile(reference)": (lambda f=fast, a=args_: f(*a))}, repeats, eager_repeats)
+
+    write_results(rows, args.out, quick=args.quick)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "modfuse": modfuse.__version__, "python": platform.python_version(),
+        "gcc": gcc[0] if gcc else "unknown", "arch_flags": modfuse._C.cpu_arch_flags,
+    }
+
+
+def write_results(rows, out: Path, quick: bool):
+    env = environment()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{env['date'][:10]}-cpu{'-quick' if quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
+    names = []
+    for row in rows:
+        names += [k for k in row["ms"] if k not in names]
+    lines = [f"# modfuse CPU benchmark, {env['date']}", "",
+             f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, {env['gcc']}, "
+             f"flags `{env['arch_flags']}`. Median ms; in brackets: that time / modfuse time.", "",
+             "| op | shape | dtype | modfuse GB/s | " + " | ".join(names) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
+    for row in rows:
+        cells = []
+        for name in names:
+            if name not in row["ms"]:
+                cells.append("")
+            elif name == "modfuse":
+                cells.append(f"{row['ms'][name]:.2f}")
+            else:
+                cells.append(f"{row['ms'][name]:.2f} ({row['ratio_vs_modfuse'][name]:.2f}x)")
+        lines.append(f"| {row['op']} | {row['shape']} | {row['dtype']} | {row['GBps_modfuse']:.1f} | "
+                     + " | ".join(cells) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
