@@ -2,6 +2,7 @@
 // deterministic chunked parallelism.
 #pragma once
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -142,6 +143,19 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
 struct SegmentBlock {
   int64_t segment, begin, end;
 };
+// Internal guard for the segment ops (user-facing checks are in modfuse/_checks.py): offsets must be int64
+// [P + 1] from 0 to D, non-decreasing. Returns them contiguous; the kernels read them on the host.
+inline at::Tensor checked_offsets(const at::Tensor& offsets, int64_t D, const char* op) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong, op,
+              ": offsets must be int64 [P + 1]");
+  at::Tensor off = offsets.contiguous();
+  const int64_t P = off.size(0) - 1;
+  const int64_t* o = off.const_data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[P] == D, op, ": offsets must start at 0 and end at D");
+  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(o[p] <= o[p + 1], op, ": offsets must not decrease");
+  return off;
+}
+
 inline std::vector<SegmentBlock> segment_blocks(const int64_t* offsets, int64_t P, int64_t block) {
   std::vector<SegmentBlock> blocks;
   for (int64_t p = 0; p < P; ++p)

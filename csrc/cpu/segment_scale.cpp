@@ -38,14 +38,11 @@ MODFUSE_INSTANTIATE(c10::BFloat16)
 void segment_scale_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& scale,
                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_std) {
   TORCH_CHECK(x.dim() == 1 && x.is_contiguous(), "segment_scale_: x must be contiguous [D]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong,
-              "segment_scale_: offsets must be int64 [P + 1]");
   TORCH_CHECK(noise.has_value() == noise_std.has_value(), "segment_scale_: noise and noise_std go together");
-  const at::Tensor off = offsets.contiguous();
-  const int64_t D = x.size(0), P = off.size(0) - 1;
+  const int64_t D = x.size(0);
+  const at::Tensor off = checked_offsets(offsets, D, "segment_scale_");
+  const int64_t P = off.size(0) - 1;
   const int64_t* o = off.const_data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0 && o[P] == D, "segment_scale_: offsets must start at 0 and end at D");
-  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(o[p] <= o[p + 1], "segment_scale_: offsets must not decrease");
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.scalar_type() == acc && scale.is_contiguous() && scale.numel() == P,
               "segment_scale_: scale must be [P] in the accumulation dtype");

@@ -49,16 +49,12 @@ template void segment_sq_norms<c10::Half>(const c10::Half*, int64_t, int64_t, co
 template void segment_sq_norms<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, const int64_t*, int64_t,
                                               float*);
 
-// Reads the offsets on the host; the caller has checked that they increase from 0 to D (modfuse/ops.py).
 at::Tensor segment_sq_norms_cpu(const at::Tensor& x, const at::Tensor& offsets) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "segment_sq_norms: x must be contiguous [R, D]");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.scalar_type() == at::kLong,
-              "segment_sq_norms: offsets must be int64 [P + 1]");
-  const at::Tensor off = offsets.contiguous();
-  const int64_t R = x.size(0), D = x.size(1), P = off.size(0) - 1;
+  const int64_t R = x.size(0), D = x.size(1);
+  const at::Tensor off = checked_offsets(offsets, D, "segment_sq_norms");
+  const int64_t P = off.size(0) - 1;
   const int64_t* o = off.const_data_ptr<int64_t>();
-  TORCH_CHECK(o[0] == 0 && o[P] == D, "segment_sq_norms: offsets must start at 0 and end at D");
-  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(o[p] <= o[p + 1], "segment_sq_norms: offsets must not decrease");
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({R, P}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_sq_norms", [&] {
