@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
-#include <cmath>
 #include <tuple>
 
 #include "cpu/common.h"
@@ -80,11 +79,19 @@ inline void store_out(T* p, X v) {
     store_vec(p, v);
 }
 
+// Store a chunk's accumulators (indexed from begin) as out and uncertainty, a vector tile at a time.
 template <typename T>
 inline void store_chunk(int64_t begin, int64_t end, const acc_t<T>* o, const acc_t<T>* uu, T* out, T* uncertainty) {
-  for (int64_t d = begin; d < end; ++d) out[d] = store<T>(o[d - begin]);
-  if (uncertainty)
-    for (int64_t d = begin; d < end; ++d) uncertainty[d] = store<T>(uu[d - begin]);
+  using A = acc_t<T>;
+  constexpr int V = kLanes<A>;
+  auto element = [&](int64_t d, auto tag) {
+    using X = decltype(tag);
+    store_out(out + d, load_as<X>(o + (d - begin)));
+    if (uncertainty) store_out(uncertainty + d, load_as<X>(uu + (d - begin)));
+  };
+  int64_t d = begin;
+  for (; d + V <= end; d += V) element(d, Vec<A>{});
+  for (; d < end; ++d) element(d, A{});
 }
 
 // stats[m] = (sum mu^2, sum (b mu)^2, mean b, fraction with e = 0), combined over chunks in chunk order.

@@ -7,7 +7,7 @@
 namespace modfuse::cpu {
 
 constexpr int64_t kGramChunk = 4096;
-constexpr int64_t kGramMaxRows = 64;  // per-lane accumulators for every pair live on the stack
+constexpr int64_t kGramMaxRows = 64;  // one vector tile per row lives on the stack
 
 template <typename T>
 void gram(const T* X, int64_t R, int64_t D, T* out) {
