@@ -1,5 +1,6 @@
 """modfuse: fused one-pass per-modality gradient statistics for balanced multimodal learning."""
-from modfuse import reference
+from modfuse import methods, reference
+from modfuse.autograd import Balancer
 from modfuse.ops import (
     available_backends,
     calibrated_aggregate,
@@ -15,6 +16,8 @@ from modfuse.ops import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "Balancer",
+    "methods",
     "available_backends",
     "calibrated_aggregate",
     "calibrated_aggregate_samples",

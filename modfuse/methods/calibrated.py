@@ -1,0 +1,205 @@
+"""Method "calibrated": uncertainty-calibrated aggregation of the objectives' gradients on shared parameters.
+
+Source: SPEC.md Op 4 (the gradient calibration of the seed papers: per-modality gradient uncertainty, evidence
+from precision, reduced Dempster-Shafer fusion, uncertainty-weighted aggregation).
+
+For every shared parameter element d and objective r (each modality's objective, then the fused one):
+    mu_r = mean gradient over samples, v_r = sample variance, t2_r = n mu_r^2 / (v_r + eps),
+    e_r = clamp(t2_r - 1, 0, evidence_max), b_r = e_r / (e_r + kappa),
+    grad_d = sum_r b_r mu_r            (positive-part James-Stein shrinkage of every objective's mean gradient)
+Elements whose per-objective gradients are noise (t2 ~ 1) get a shrunken update; consistent ones keep theirs.
+Encoders and every other parameter get the plain gradient of the objective (fused + unimodal losses).
+
+The samples, chosen by `moments`:
+- "microbatch" (default): the batch is cut into K = `microbatches` contiguous parts and each objective is
+  backpropagated once per part into the shared parameters (R * K small backwards); sample k is
+  (K / N) * grad sum_{i in part k} loss_i, so the mean of the K samples is exactly the gradient of the mean loss.
+  Cost: R * K backwards restricted to the shared parameters.
+- "per_sample": every shared parameter must belong to an nn.Linear; forward hooks keep each call's input and
+  output, one backward per objective gives the output gradients, and `linear_moments` forms S1 = sum_n W_n and
+  S2 = sum_n W_n^2 from them without storing per-sample gradients (several calls of the same layer on one
+  objective's path are the T axis). The losses are summed (not averaged) for that backward, so gy are
+  per-sample gradients, and mu = S1 / N is the mean-loss gradient again. Needs per-sample losses.
+
+Under torch.distributed, S1, S2 and n are all-reduced before Op 4 (micro-batches are per rank: world * K samples).
+Options: moments, microbatches (8; SPEC: K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
+1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
+(False: run the statistics stage through torch.compile(fullgraph=True)).
+"""
+from __future__ import annotations
+
+import torch
+
+from modfuse import _checks as check
+from modfuse import ops, reference
+from modfuse.banks import MomentBank
+from modfuse.methods import Method, register
+
+
+def calibrate(S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, kappa: float, eps: float, evidence_max: float):
+    """Op 4 on validated banks: the compiled kernel where this build has one, else the public op (reference)."""
+    if S1.device.type == "cpu" and ops._C is not None:
+        out, stats, _ = torch.ops.modfuse.calibrated_aggregate(S1, S2, n, kappa, eps, evidence_max, False)
+        return out, stats
+    return ops.calibrated_aggregate(S1, S2, n, kappa, eps, evidence_max)
+
+
+@register
+class Calibrated(Method):
+    name = "calibrated"
+    requires = ()
+
+    def __init__(self, balancer, moments: str = "microbatch", microbatches: int = 8, kappa: float = 1.0,
+                 eps: float | None = None, evidence_max: float = 1e6, include_fused: bool = True,
+                 compile: bool = False):
+        super().__init__(balancer)
+        if moments not in ("microbatch", "per_sample"):
+            raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
+        if not isinstance(microbatches, int) or microbatches < 2:
+            raise ValueError(f"microbatches must be an int >= 2 (a variance needs two samples), got {microbatches!r}")
+        if not balancer.shared:
+            raise ValueError("method 'calibrated' needs shared= parameters (those every modality's objective "
+                             "reaches, e.g. a head applied to each embedding)")
+        self.moments, self.K, self.include_fused = moments, microbatches, include_fused
+        self.kappa = check.positive("kappa", kappa)
+        self.evidence_max = check.positive("evidence_max", evidence_max, allow_inf=True)
+        self.eps = None if eps is None else check.positive("eps", eps)
+        self.layouts = balancer.layouts(balancer.shared)
+        self._calibrate = torch.compile(calibrate, fullgraph=True, dynamic=False) if compile else calibrate
+        self._last: list[tuple[list[str], torch.Tensor]] = []
+        if moments == "per_sample":
+            self._linear = self._find_linears()
+            self._calls: dict[torch.nn.Linear, list] = {}
+            for module in self._linear:
+                module.register_forward_hook(self._record)
+
+    # -- gradients --------------------------------------------------------------------------------------------
+    def backward(self, step, total):
+        rows = step.objectives() if self.include_fused else list(step.unimodal.items())
+        if len(rows) < 1:
+            raise ValueError("method 'calibrated' needs unimodal= losses (and/or fused= with include_fused=True)")
+        for name, loss in rows:
+            if loss.dim() != 1:
+                raise ValueError(f"method 'calibrated' needs per-sample losses (reduction='none'), but the {name} "
+                                 f"loss has shape {tuple(loss.shape)}")
+        N = rows[0][1].shape[0]
+        if any(loss.shape[0] != N for _, loss in rows):
+            raise ValueError("the per-sample losses must all have the same length N (one batch)")
+        banks = [MomentBank(layout, len(rows)) for layout in self.layouts]
+        reached: set[int] = set()
+        if self.moments == "microbatch":
+            self._microbatch_moments(rows, N, banks, reached)
+        else:
+            self._per_sample_moments(rows, N, banks, reached)
+        for layout in self.layouts:
+            for p in layout.params:
+                if id(p) not in reached:
+                    raise ValueError(f"shared parameter {self.balancer.name_of(p)!r} received no gradient from any "
+                                     "objective of this step")
+        shared = {id(p) for _, p in self.balancer.shared}
+        others = [p for p in self.balancer.trainable if id(p) not in shared]
+        if others:
+            torch.autograd.backward(total, inputs=others)
+            self.balancer.sync_plain_grads(others)
+        self._last = []
+        for bank in banks:
+            bank.all_reduce_()
+            eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
+            out, stats = self._calibrate(bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max)
+            out = out.to(bank.layout.dtype)
+            for p, view in zip(bank.layout.params, bank.layout.views(out)):
+                p.grad = view
+            self._last.append(([name for name, _ in rows], stats))
+
+    def _microbatch_moments(self, rows, N, banks, reached):
+        if N < self.K:
+            raise ValueError(f"a batch of N = {N} samples cannot be cut into microbatches = {self.K} parts")
+        params = [p for layout in self.layouts for p in layout.params]
+        bounds = torch.linspace(0, N, self.K + 1).round().long().tolist()
+        scratch = [layout.grad_rows(1)[0] for layout in self.layouts]
+        for r, (_, loss) in enumerate(rows):
+            for k in range(self.K):
+                part = loss[bounds[k]:bounds[k + 1]].sum() * (self.K / N)
+                grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+                i = 0
+                for layout, bank, flat in zip(self.layouts, banks, scratch):
+                    g = grads[i:i + len(layout.params)]
+                    i += len(layout.params)
+                    reached.update(id(p) for p, gp in zip(layout.params, g) if gp is not None)
+                    layout.flatten_into(flat, g)
+                    ops.moments_accumulate_(bank.S1[r], bank.S2[r], flat)
+            for bank in banks:
+                bank.n[r] = self.K
+
+    # -- per-sample moments of nn.Linear layers (Op 3) --------------------------------------------------------
+    def _find_linears(self) -> list[torch.nn.Linear]:
+        owner = {}
+        for module in self.balancer.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                for p in module.parameters(recurse=False):
+                    owner[id(p)] = module
+        linears = []
+        for name, p in self.balancer.shared:
+            if id(p) not in owner:
+                raise ValueError(f"moments='per_sample' needs every shared parameter to be the weight or bias of an "
+                                 f"nn.Linear; {name!r} is not (use moments='microbatch')")
+            if owner[id(p)] not in linears:
+                linears.append(owner[id(p)])
+        return linears
+
+    def _record(self, module, args, output):
+        if torch.is_grad_enabled() and output.requires_grad:
+            self._calls.setdefault(module, []).append((args[0].detach(), output))
+
+    def _per_sample_moments(self, rows, N, banks, reached):
+        calls = [(m, x, y) for m, cs in self._calls.items() for x, y in cs]
+        self._calls = {}
+        if not calls:
+            raise ValueError("moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
+                             "step (run the forward pass with autograd enabled before backward)")
+        where = {id(p): (bank, j) for bank in banks for j, p in enumerate(bank.layout.params)}
+        for r, (_, loss) in enumerate(rows):
+            gys = torch.autograd.grad(loss.sum(), [y for _, _, y in calls], retain_graph=True, allow_unused=True)
+            per_module: dict[torch.nn.Linear, list] = {}
+            for (module, x, _), gy in zip(calls, gys):
+                if gy is not None:
+                    if x.shape[0] != N:
+                        raise ValueError(f"moments='per_sample': a shared nn.Linear saw a batch of {x.shape[0]} "
+                                         f"rows but the losses have N = {N} samples")
+                    per_module.setdefault(module, []).append((x.reshape(N, -1, x.shape[-1]),
+                                                              gy.reshape(N, -1, gy.shape[-1])))
+            for module, pairs in per_module.items():
+                x = torch.cat([a for a, _ in pairs], dim=1)
+                gy = torch.cat([b for _, b in pairs], dim=1)
+                if x.shape[1] == 1:
+                    x, gy = x[:, 0], gy[:, 0]
+                S1w, S2w, B1, B2 = ops.linear_moments(x, gy, bias=True)
+                for p, s1, s2 in ((module.weight, S1w, S2w), (module.bias, B1, B2)):
+                    if p is None or id(p) not in where:
+                        continue
+                    bank, j = where[id(p)]
+                    bank.row_views(bank.S1, r)[j].copy_(s1)
+                    bank.row_views(bank.S2, r)[j].copy_(s2)
+                    reached.add(id(p))
+            for bank in banks:
+                bank.n[r] = N
+
+    # -- logging ----------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Per objective over all shared parameters: mean belief, fraction of elements with zero evidence, and
+        the kept fraction of the gradient norm sqrt(sum (b mu)^2 / sum mu^2)."""
+        out: dict[str, float] = {}
+        if not self._last:
+            return out
+        names = self._last[0][0]
+        weights = [layout.numel for layout in self.layouts]
+        # Sums add over groups; the two means are weighted by each group's element count.
+        total = sum(torch.stack([s[:, 0], s[:, 1], s[:, 2] * w, s[:, 3] * w], 1).double().cpu()
+                    for (_, s), w in zip(self._last, weights))
+        D = sum(weights)
+        for r, name in enumerate(names):
+            norm2, kept2, b, zero = total[r].tolist()
+            out[f"{name}/belief"] = b / D
+            out[f"{name}/zero_evidence"] = zero / D
+            out[f"{name}/kept_norm"] = (kept2 / norm2) ** 0.5 if norm2 > 0 else 0.0
+        return out

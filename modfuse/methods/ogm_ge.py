@@ -1,0 +1,117 @@
+"""Method "ogm_ge": on-the-fly gradient modulation with generalisation enhancement.
+
+Source: Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022,
+and its official code (GeWu-Lab/OGM-GE_CVPR2022); generalised to M modalities as SPEC.md states.
+
+Per step, from the unimodal logits out_u (see `concat_head_unimodal_logits` for a concat head):
+    s_u   = sum_i softmax(out_u)_i[y_i]                         (confidence in the true class over the batch)
+    rho_u = s_u / mean_{j != u} s_j
+    k_u   = 1 - tanh(alpha * rho_u) if rho_u > 1 else 1         (default: the paper's form, a jump at rho = 1)
+    k_u   = 1 - tanh(alpha * relu(rho_u - 1))                    (continuous=True: much weaker at one alpha)
+Encoder u's gradients are scaled by k_u; with ge=True every modulated tensor of every encoder then gets
+N(0, std^2) noise, std = the standard deviation of that tensor's unscaled gradient (+1e-8), as the official code
+does. Modulated tensors: those with dim >= 2 (the official code: conv weights only) or all (modulate="all").
+Active for start_epoch <= epoch <= end_epoch (official: 0 and 50). alpha has no general default in the paper
+(0.8 for CREMA-D, 0.1 for VGGSound); 0.8 here.
+
+The training objective is the fused loss (plus the unimodal losses, if passed). Fused ops: the encoder's
+gradients sit in one flat bank (see Method.backward_into_banks); Op 1 gives every tensor's sum of squares in one
+launch and Op 6 (segment_scale_) scales and adds the noise to all of them in one more.
+"""
+from __future__ import annotations
+
+import torch
+
+from modfuse import _checks as check
+from modfuse import ops
+from modfuse.banks import all_reduce_sum_
+from modfuse.methods import Method, register
+
+
+def concat_head_unimodal_logits(head: torch.nn.Linear, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unimodal logits of a concat-fusion head, the official code's split: W[:, block_u] h_u + b / M.
+
+    `features` maps modality -> embedding [N, d_u], in the order the head concatenates them.
+    """
+    M = len(features)
+    out, start = {}, 0
+    for name, h in features.items():
+        block = head.weight[:, start:start + h.shape[-1]]
+        start += h.shape[-1]
+        logits = h @ block.t()
+        out[name] = logits + head.bias / M if head.bias is not None else logits
+    if start != head.in_features:
+        raise ValueError(f"the features have {start} dims in total but the head takes {head.in_features}")
+    return out
+
+
+def modulation(scores: torch.Tensor, alpha: float, continuous: bool) -> torch.Tensor:
+    """k_u from the per-modality scores s_u (SPEC.md ogm_ge)."""
+    M = scores.numel()
+    rest = (scores.sum() - scores) / (M - 1)
+    rho = scores / rest
+    if continuous:
+        return 1 - torch.tanh(alpha * torch.relu(rho - 1))
+    return torch.where(rho > 1, 1 - torch.tanh(alpha * rho), torch.ones_like(rho))
+
+
+@register
+class OGMGE(Method):
+    name = "ogm_ge"
+    requires = ("logits", "target")
+
+    def __init__(self, balancer, alpha: float = 0.8, ge: bool = True, continuous: bool = False,
+                 modulate: str = "matrices", start_epoch: int = 0, end_epoch: int = 50, seed: int = 0):
+        super().__init__(balancer)
+        if len(balancer.modalities) < 2:
+            raise ValueError("method 'ogm_ge' needs at least two modalities")
+        if modulate not in ("matrices", "all"):
+            raise ValueError(f"modulate must be 'matrices' (tensors with dim >= 2) or 'all', got {modulate!r}")
+        self.alpha = check.positive("alpha", alpha)
+        self.ge, self.continuous, self.modulate = ge, continuous, modulate
+        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        device = balancer.trainable[0].device
+        self.generator = torch.Generator(device).manual_seed(seed)  # same seed on every rank: same noise
+        self._k = None
+
+    def backward(self, step, total):
+        banks = self.backward_into_banks(total)
+        if not self.start_epoch <= self.balancer.epoch <= self.end_epoch:
+            self._k = None
+            return
+        y = step.target
+        scores = torch.stack([torch.softmax(step.logits[m].detach().float(), dim=1)
+                              .gather(1, y.reshape(-1, 1)).sum() for m in self.balancer.modalities])
+        all_reduce_sum_(scores)
+        k = modulation(scores.double(), self.alpha, self.continuous)
+        self._k = k
+        for u, m in enumerate(self.balancer.modalities):
+            for layout, buf in banks[m]:
+                grad = buf[0]
+                mask = torch.tensor([self.modulate == "all" or p.dim() >= 2 for p in layout.params],
+                                    device=grad.device)
+                scale = torch.where(mask, k[u].to(grad.device), torch.ones((), dtype=k.dtype, device=grad.device))
+                noise_std = self._noise_std(grad, layout, mask) if self.ge else None
+                ops.segment_scale_(grad, layout.offsets, scale, noise_std=noise_std, generator=self.generator)
+
+    @staticmethod
+    def _noise_std(grad, layout, mask):
+        """Per-tensor std of the unscaled gradient (unbiased, as torch.std) + 1e-8; 0 where not modulated."""
+        lengths = (layout.offsets[1:] - layout.offsets[:-1]).to(grad.device)
+        sq = ops.segment_sq_norms(grad, layout.offsets).double()
+        sums = torch.segment_reduce(grad.double(), "sum", lengths=lengths)
+        n = lengths.double()
+        var = torch.clamp(sq - sums.square() / n, min=0) / torch.clamp(n - 1, min=1)
+        std = var.sqrt() + 1e-8
+        return torch.where(mask & (lengths > 1), std, torch.zeros_like(std))
+
+    def stats(self):
+        if self._k is None:
+            return {}
+        return {f"{m}/coefficient": float(v) for m, v in zip(self.balancer.modalities, self._k.tolist())}
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
