@@ -69,14 +69,14 @@ class OGMGE(Method):
             raise ValueError(f"modulate must be 'matrices' (tensors with dim >= 2) or 'all', got {modulate!r}")
         self.alpha = check.positive("alpha", alpha)
         self.ge, self.continuous, self.modulate = ge, continuous, modulate
-        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.window = (start_epoch, end_epoch)  # modulation is active for epochs in [start, end]
         device = balancer.trainable[0].device
         self.generator = torch.Generator(device).manual_seed(seed)  # same seed on every rank: same noise
         self._k = None
 
     def backward(self, step, total):
         banks = self.backward_into_banks(total)
-        if not self.start_epoch <= self.balancer.epoch <= self.end_epoch:
+        if not self.window[0] <= self.balancer.epoch <= self.window[1]:
             self._k = None
             return
         y = step.target
