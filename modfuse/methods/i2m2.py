@@ -23,9 +23,11 @@ from modfuse.methods import Method, register
 
 def i2m2_log_probs(unimodal_logits: Sequence[torch.Tensor], joint_logits: torch.Tensor) -> torch.Tensor:
     """log p(y|x) [N, C] of the I2M2 product of experts (see the module docstring)."""
-    total = F.log_softmax(joint_logits.float(), dim=-1)
+    # float32 at least (autocast logits are half precision), float64 kept
+    acc = torch.promote_types(joint_logits.dtype, torch.float32)
+    total = F.log_softmax(joint_logits.to(acc), dim=-1)
     for logits in unimodal_logits:
-        total = total + F.log_softmax(logits.float(), dim=-1)
+        total = total + F.log_softmax(logits.to(acc), dim=-1)
     return total - torch.logsumexp(total, dim=-1, keepdim=True)
 
 

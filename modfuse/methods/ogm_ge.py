@@ -26,6 +26,7 @@ from modfuse import _checks as check
 from modfuse import ops
 from modfuse.banks import all_reduce_sum_
 from modfuse.methods import Method, register
+from modfuse.methods.utilization import true_class_probability
 
 
 def concat_head_unimodal_logits(head: torch.nn.Linear, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -80,8 +81,8 @@ class OGMGE(Method):
             self._k = None
             return
         y = step.target
-        scores = torch.stack([torch.softmax(step.logits[m].detach().float(), dim=1)
-                              .gather(1, y.reshape(-1, 1)).sum() for m in self.balancer.modalities])
+        scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
+                              for m in self.balancer.modalities])
         all_reduce_sum_(scores)
         k = modulation(scores.double(), self.alpha, self.continuous)
         self._k = k

@@ -28,16 +28,22 @@ from modfuse import _checks as check
 from modfuse.methods import Method, register
 
 
+def true_class_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """softmax(logits)[i, y_i], in float32 at least (autocast logits are half precision)."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    return torch.softmax(logits.to(acc), dim=-1).gather(1, target.reshape(-1, 1)).squeeze(1)
+
+
 def soft_accuracy_drops(forward, inputs, fused_logits, target, modalities, generator) -> torch.Tensor:
     """d_m for every modality: mean drop of the true-class probability when m is shuffled across the batch."""
-    p = torch.softmax(fused_logits.float(), dim=-1).gather(1, target.reshape(-1, 1)).squeeze(1)
+    p = true_class_probability(fused_logits, target)
     drops = []
     for m in modalities:
         x = inputs[m]
         perm = torch.randperm(x.shape[0], generator=generator, device="cpu").to(x.device)
         shuffled = dict(inputs)
         shuffled[m] = x[perm]
-        p_m = torch.softmax(forward(shuffled).float(), dim=-1).gather(1, target.reshape(-1, 1)).squeeze(1)
+        p_m = true_class_probability(forward(shuffled), target)
         drops.append((p - p_m).mean())
     return torch.stack(drops)
 
@@ -72,7 +78,7 @@ class Utilization(Method):
             shares = [t if m == dominant else (1 - t) / (len(mods) - 1) for m in mods]
         if any(not 0 <= s <= 1 for s in shares) or abs(sum(shares) - 1) > 1e-6:
             raise ValueError(f"target shares must lie in [0, 1] and sum to 1, got {dict(zip(mods, shares))}")
-        self.targets = torch.tensor(shares, dtype=torch.float32)
+        self.targets = torch.tensor(shares, dtype=torch.float64)
         self.lambda_max = check.positive("lambda_max", lambda_max)
         self.warmup_epochs = check.positive("warmup_epochs", warmup_epochs)
         self.steps_per_epoch = steps_per_epoch
@@ -94,7 +100,7 @@ class Utilization(Method):
                                     self.balancer.modalities, self.generator)
         mu = utilization_shares(drops)
         self._mu = mu.detach()
-        penalty = (mu - self.targets.to(mu.device)).square().sum()
+        penalty = (mu - self.targets.to(mu.device, mu.dtype)).square().sum()
         # every d_j <= 0: no utilization signal this step, so no term (the flag stays on the device: no sync)
         active = (torch.relu(drops).sum() > 0).to(penalty.dtype)
         self._active = active.detach()

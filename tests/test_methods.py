@@ -1,0 +1,214 @@
+"""Each method's statistic and gradients against a plain-PyTorch computation on a small model (float64)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modfuse
+from modfuse.methods.i2m2 import i2m2_log_probs
+from modfuse.methods.ogm_ge import concat_head_unimodal_logits, modulation
+from _models import SharedHeadNet, balancer_for, batch, losses
+
+DIMS = {"a": 5, "b": 7}
+
+
+def setup(seed=0, N=24, fused_twice=False):
+    torch.manual_seed(seed)
+    net = SharedHeadNet(DIMS, fused_twice=fused_twice).double()
+    xs, y = batch(DIMS, N=N, seed=seed)
+    return net, {m: x.double() for m, x in xs.items()}, y
+
+
+def autograd_grads(loss, params):
+    return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+
+def close(a, b, rtol=1e-10):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=1e-13)
+
+
+# ogm_ge ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ge", [False, True])
+def test_ogm_ge_scales_and_perturbs_like_the_official_code(ge):
+    net, xs, y = setup()
+    fused, uni = net(xs)
+    loss = F.cross_entropy(fused, y)
+    plain = dict(zip([n for n, _ in net.named_parameters()], autograd_grads(loss, list(net.parameters()))))
+    scores = {m: torch.softmax(uni[m].detach(), 1)[torch.arange(len(y)), y].sum() for m in DIMS}
+    k = {}
+    for m, other in (("a", "b"), ("b", "a")):
+        rho = scores[m] / scores[other]
+        k[m] = 1 - math.tanh(0.8 * float(rho)) if rho > 1 else 1.0  # noqa
+    assert min(k.values()) < 1 == max(k.values())  # one modality modulated, the other not
+    b = balancer_for(net, "ogm_ge", ge=ge, seed=7)
+    assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"), logits=uni, target=y)
+    generator = torch.Generator().manual_seed(7)
+    for m in DIMS:
+        prefix = f"enc.{m}."
+        names = [n for n, _ in net.named_parameters() if n.startswith(prefix)]
+        noise = torch.randn(sum(plain[n].numel() for n in names), generator=generator, dtype=torch.float64)
+        start = 0
+        for n in names:
+            g = plain[n]
+            modulated = g.dim() >= 2
+            expected = g * (k[m] if modulated else 1.0)
+            if ge and modulated:
+                expected = expected + noise[start:start + g.numel()].view_as(g) * (g.std() + 1e-8)
+            start += g.numel()
+            close(dict(net.named_parameters())[n].grad, expected)
+    assert b.stats() == pytest.approx({f"{m}/coefficient": k[m] for m in DIMS})
+    for n in ("head.weight", "fuse.bias"):  # not encoder parameters: plain
+        close(dict(net.named_parameters())[n].grad, plain[n])
+
+
+def test_ogm_ge_modulation_forms():
+    s = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)
+    rho = s / torch.tensor([1.5, 2.5, 2.0], dtype=torch.float64)
+    jump = modulation(s, 0.5, continuous=False)
+    smooth = modulation(s, 0.5, continuous=True)
+    close(jump, torch.where(rho > 1, 1 - torch.tanh(0.5 * rho), torch.ones(3, dtype=torch.float64)))
+    close(smooth, 1 - torch.tanh(0.5 * torch.relu(rho - 1)))
+    assert smooth[0] > jump[0]  # the continuous form is much weaker at the same alpha
+
+
+def test_concat_head_unimodal_logits_split_the_head():
+    head = torch.nn.Linear(5, 3).double()
+    h = {"a": torch.randn(4, 2, dtype=torch.float64), "b": torch.randn(4, 3, dtype=torch.float64)}
+    parts = concat_head_unimodal_logits(head, h)
+    close(parts["a"] + parts["b"], head(torch.cat([h["a"], h["b"]], 1)))
+    close(parts["a"], h["a"] @ head.weight[:, :2].t() + head.bias / 2)
+
+
+# greedy ---------------------------------------------------------------------------------------------------------
+def test_greedy_speeds_and_hold():
+    net, xs, y = setup(1)
+    fused, _ = net(xs)
+    loss = F.cross_entropy(fused, y)
+    expected = []
+    for m in DIMS:
+        params = list(net.enc[m].parameters())
+        g = autograd_grads(loss, params)
+        expected.append(sum(float(x.square().sum()) for x in g) / sum(float(p.detach().square().sum()) for p in params))
+    b = balancer_for(net, "greedy", window_steps=1, threshold=0.0, hold_steps=2)
+    speeds_seen = []
+    b.method._end_window, end = (lambda: speeds_seen.append(b.method.speeds.clone()) or end()), b.method._end_window
+    assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"))
+    torch.testing.assert_close(speeds_seen[0], torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=0)
+    fastest = int(torch.tensor(expected).argmax())
+    held = list(DIMS)[fastest]
+    d = torch.log10(torch.tensor(expected, dtype=torch.float64))
+    assert b.stats()[f"{held}/speed_log_ratio"] == pytest.approx(float(d[fastest] - d.mean()))
+    for _ in range(2):  # held for hold_steps steps: its grads stay None, the other encoder trains
+        net.zero_grad(set_to_none=True)
+        fused, _ = net(xs)
+        assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"))
+        assert all(p.grad is None for p in net.enc[held].parameters())
+        assert all(p.grad is not None for m in DIMS if m != held for p in net.enc[m].parameters())
+    net.zero_grad(set_to_none=True)
+    fused, _ = net(xs)
+    b.backward(fused=F.cross_entropy(fused, y, reduction="none"))
+    assert all(p.grad is not None for p in net.parameters())
+
+
+# mmpareto -------------------------------------------------------------------------------------------------------
+def test_mmpareto_matches_the_formula():
+    net, xs, y = setup(2)
+    kw = losses(net, xs, y)
+    fused = kw["fused"].mean()
+    expected = {}
+    conflicts = 0
+    for m in DIMS:
+        params = list(net.enc[m].parameters())
+        g_mm = torch.cat([g.reshape(-1) for g in autograd_grads(fused, params)])
+        g_m = torch.cat([g.reshape(-1) for g in autograd_grads(kw["unimodal"][m].mean(), params)])
+        cos = F.cosine_similarity(g_mm, g_m, dim=0)
+        if cos > 0:
+            w_mm = 0.5
+        else:
+            conflicts += 1
+            w_mm = float(torch.clamp((g_m - g_mm) @ g_m / (g_mm - g_m).square().sum(), 0, 1))
+        g = 2 * (w_mm * g_mm + (1 - w_mm) * g_m)
+        g = g * max(1.0, float((g_mm + g_m).norm() / g.norm())) * 1.5
+        expected[m] = g
+    total = fused + sum(v.mean() for v in kw["unimodal"].values())
+    plain_head = autograd_grads(total, [net.head.weight])[0]
+    b = balancer_for(net, "mmpareto")
+    assert b.backward(**kw)
+    for m in DIMS:
+        close(torch.cat([p.grad.reshape(-1) for p in net.enc[m].parameters()]), expected[m])
+    close(net.head.weight.grad, plain_head)
+    assert b.stats()["conflicts"] == conflicts
+
+
+# utilization ----------------------------------------------------------------------------------------------------
+def test_utilization_penalty_matches_the_formula():
+    net, xs, y = setup(3)
+    kw = losses(net, xs, y)
+    p = torch.softmax(kw["fused_logits"], 1)[torch.arange(len(y)), y]
+    generator = torch.Generator().manual_seed(0)
+    drops = []
+    for m in DIMS:
+        shuffled = dict(xs)
+        shuffled[m] = xs[m][torch.randperm(len(y), generator=generator)]
+        drops.append((p - torch.softmax(net(shuffled)[0], 1)[torch.arange(len(y)), y]).mean())
+    drops = torch.stack(drops)
+    mu = torch.relu(drops) / (torch.relu(drops).sum() + 1e-8)
+    lam = 1e-3  # epoch 0: lambda_max / 1000
+    loss = kw["fused"].mean() + sum(v.mean() for v in kw["unimodal"].values()) + \
+        lam * (mu - torch.tensor([0.75, 0.25], dtype=torch.float64)).square().sum()
+    expected = autograd_grads(loss, list(net.parameters()))
+    b = balancer_for(net, "utilization", target=0.75, dominant="a")
+    assert b.backward(**kw)
+    for q, e in zip(net.parameters(), expected):
+        close(q.grad, e, rtol=1e-6)  # the penalty is computed in float32 probabilities
+    assert b.stats()["a/utilization"] == pytest.approx(float(mu[0]), rel=1e-5)
+
+
+def test_utilization_lambda_schedule():
+    net = SharedHeadNet(DIMS)
+    b = balancer_for(net, "utilization", warmup_epochs=10)
+    values = []
+    for epoch in range(21):
+        values.append(b.method.lam())
+        b.end_epoch()
+    assert values[0] == pytest.approx(1e-3)
+    assert values[5] == pytest.approx(10 ** -1.5)
+    assert values[10] == values[20] == pytest.approx(1.0)
+    assert all(x < y for x, y in zip(values[:10], values[1:11]))
+
+
+# mimo, i2m2 -----------------------------------------------------------------------------------------------------
+def test_mimo_objective():
+    net, xs, y = setup(4)
+    kw = losses(net, xs, y)
+    L = torch.stack([kw["unimodal"][m].mean() for m in DIMS])
+    loss = kw["fused"].mean() + 0.5 * 2.0 * torch.logsumexp(L / 2.0, 0)
+    expected = autograd_grads(loss, list(net.parameters()))
+    balancer_for(net, "mimo", lam=0.5, tau=2.0).backward(**kw)
+    for q, e in zip(net.parameters(), expected):
+        close(q.grad, e)
+
+
+def test_i2m2_log_probs_and_gradients():
+    net, xs, y = setup(5)
+    kw = losses(net, xs, y)
+    probs = torch.softmax(kw["fused_logits"], 1)
+    for m in DIMS:
+        probs = probs * torch.softmax(kw["logits"][m], 1)
+    expected_log_p = torch.log(probs / probs.sum(1, keepdim=True))
+    log_p = i2m2_log_probs([kw["logits"][m] for m in DIMS], kw["fused_logits"])
+    close(log_p, expected_log_p)
+    close(log_p.exp().sum(1), torch.ones(len(y), dtype=torch.float64))
+    loss = F.nll_loss(log_p, y)
+    expected = autograd_grads(loss, list(net.parameters()))
+    balancer_for(net, "i2m2").backward(logits=kw["logits"], fused_logits=kw["fused_logits"], target=y)
+    for q, e in zip(net.parameters(), expected):
+        close(q.grad, e)
+
+
+def test_registry_has_every_spec_method():
+    assert modfuse.methods.names() == sorted(["calibrated", "greedy", "i2m2", "mimo", "mmpareto", "none", "ogm_ge",
+                                              "utilization"])
