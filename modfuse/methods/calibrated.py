@@ -156,7 +156,7 @@ class Calibrated(Method):
         self._calls = {}
         if not calls:
             raise ValueError("moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
-                             "step (run the forward pass with autograd enabled before backward)")
+                             "step: build the Balancer before the forward pass and run the forward with autograd enabled")
         where = {id(p): (bank, j) for bank in banks for j, p in enumerate(bank.layout.params)}
         for r, (_, loss) in enumerate(rows):
             gys = torch.autograd.grad(loss.sum(), [y for _, _, y in calls], retain_graph=True, allow_unused=True)
