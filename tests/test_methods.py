@@ -164,7 +164,7 @@ def test_utilization_penalty_matches_the_formula():
     assert b.backward(**kw)
     for q, e in zip(net.parameters(), expected):
         close(q.grad, e, rtol=1e-6)  # the penalty is computed in float32 probabilities
-    assert b.stats()["a/utilization"] == pytest.approx(float(mu[0]), rel=1e-5)
+    assert b.stats()["a/utilization"] == pytest.approx(mu[0].item(), rel=1e-5)
 
 
 def test_utilization_lambda_schedule():
