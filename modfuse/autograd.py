@@ -51,6 +51,11 @@ class Step:
     def mean(loss: torch.Tensor) -> torch.Tensor:
         return loss.mean() if loss.dim() else loss
 
+    def named_losses(self) -> list[tuple[str, torch.Tensor]]:
+        """The losses that were passed, named as error messages name them."""
+        return ([("fused", self.fused)] if self.fused is not None else []) + \
+            [(f"unimodal[{m!r}]", v) for m, v in self.unimodal.items()]
+
     def objectives(self) -> list[tuple[str, torch.Tensor]]:
         """The per-modality objectives in modality order, then the fused one: the rows of a moment bank."""
         rows = list(self.unimodal.items())
@@ -104,7 +109,7 @@ class Balancer:
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         self.model = model
         self.on_nonfinite = on_nonfinite
-        names = {id(p): n for n, p in model.named_parameters()}
+        self.names = names = {id(p): n for n, p in model.named_parameters()}
         self.modalities = [str(m) for m in encoders]
         self.encoders = {str(m): _named(model, e, f"encoders[{m!r}]", names) for m, e in encoders.items()}
         self.shared = _named(model, shared, "shared", names) if shared is not None else []
@@ -121,7 +126,8 @@ class Balancer:
         self.others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
         self.trainable = [p for _, ps in self.encoders.items() for _, p in ps] + \
                          [p for _, p in self.shared] + [p for _, p in self.others]
-        self.names = {id(p): n for n, p in model.named_parameters()}
+        # The groups never change: lay each encoder out once, not on every step.
+        self.encoder_layouts = {m: self.layouts(pairs) for m, pairs in self.encoders.items()}
         self.steps = 0          # steps taken (skipped steps not counted)
         self.skipped = 0        # steps skipped for a non-finite loss
         self.epoch = 0          # epochs finished (Balancer.end_epoch)
@@ -220,7 +226,8 @@ class Balancer:
         # Keep modality order (it is the row order of the banks).
         unimodal = {m: unimodal[m] for m in self.modalities if m in unimodal}
         logits = {m: logits[m] for m in self.modalities if m in logits}
-        losses = ([("fused", fused)] if fused is not None else []) + [(f"unimodal[{m!r}]", v) for m, v in unimodal.items()]
+        step = Step(fused, unimodal, logits, fused_logits, target, forward, inputs)
+        losses = step.named_losses()
         if not losses and self.method.needs_loss:
             raise ValueError("backward needs a loss: pass fused= and/or unimodal=")
         for name, loss in losses:
@@ -231,7 +238,6 @@ class Balancer:
             if not loss.requires_grad:
                 raise ValueError(f"{name} does not require grad: compute it from the model's outputs with "
                                  "autograd enabled")
-        step = Step(fused, unimodal, logits, fused_logits, target, forward, inputs)
         for need in self.method.requires:
             value = getattr(step, need)
             if value is None or (isinstance(value, dict) and set(value) != set(self.modalities)):
@@ -241,13 +247,11 @@ class Balancer:
 
     def _finite(self, step: Step, total: torch.Tensor) -> bool:
         """One host sync: are all losses finite? Skip (warn) or raise, naming the first bad one."""
-        named = ([("fused", step.fused)] if step.fused is not None else []) + \
-                [(f"unimodal[{m!r}]", v) for m, v in step.unimodal.items()] + [("total objective", total)]
-        flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named if isinstance(t, torch.Tensor)])
+        named = step.named_losses() + [("total objective", total)]
+        flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
         if bool(flags.all()):
             return True
-        bad = [name for (name, t), ok in zip([x for x in named if isinstance(x[1], torch.Tensor)], flags.tolist())
-               if not ok][0]
+        bad = next(name for (name, _), ok in zip(named, flags.tolist()) if not ok)
         message = (f"the {bad} loss is NaN or Inf at step {self.steps}; ")
         self.method.on_skip()
         if self.on_nonfinite == "raise":

@@ -29,6 +29,13 @@ def plain_grads(net, xs, y, names):
     return {n: out[n] for n in names}
 
 
+def eager_copy(net, xs, y, **options):
+    """A copy of `net` whose .grad hold one eager calibrated step: what a variant must reproduce."""
+    eager = copy.deepcopy(net)
+    balancer_for(eager, "calibrated", **options).backward(**losses(eager, xs, y))
+    return eager
+
+
 def head_params(net):
     return [net.head.weight, net.head.bias]
 
@@ -156,8 +163,7 @@ def test_calibrated_under_autocast(dtype, route):
     torch.manual_seed(3)
     net = SharedHeadNet(DIMS, hidden=32)
     xs, y = batch(DIMS, N=64)
-    reference_net = copy.deepcopy(net)
-    balancer_for(reference_net, "calibrated", moments=route).backward(**losses(reference_net, xs, y))
+    reference_net = eager_copy(net, xs, y, moments=route)
     b = balancer_for(net, "calibrated", moments=route)
     with torch.autocast("cpu", dtype=dtype):
         kw = losses(net, xs, y)
@@ -174,8 +180,7 @@ def test_compiled_statistics_stage_matches_eager_and_has_no_graph_break():
     torch.manual_seed(4)
     net = SharedHeadNet(DIMS)
     xs, y = batch(DIMS)
-    eager = copy.deepcopy(net)
-    balancer_for(eager, "calibrated").backward(**losses(eager, xs, y))
+    eager = eager_copy(net, xs, y)
     balancer_for(net, "calibrated", compile=True).backward(**losses(net, xs, y))
     for p, q in zip(net.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
@@ -191,8 +196,7 @@ def test_balancer_with_a_compiled_model():
     torch.manual_seed(5)
     net = SharedHeadNet(DIMS)
     xs, y = batch(DIMS)
-    eager = copy.deepcopy(net)
-    balancer_for(eager, "calibrated").backward(**losses(eager, xs, y))
+    eager = eager_copy(net, xs, y)
     compiled = torch.compile(net)
     b = balancer_for(net, "calibrated")
     fused, uni = compiled(xs)

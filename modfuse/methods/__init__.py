@@ -62,8 +62,8 @@ class Method:
         ranks, one collective per bank, and the other parameters' gradients too.
         """
         balancer = self.balancer
-        banks = {m: [(layout, layout.grad_rows(rows)) for layout in balancer.layouts(pairs)]
-                 for m, pairs in balancer.encoders.items()}
+        banks = {m: [(layout, layout.grad_rows(rows)) for layout in layouts]
+                 for m, layouts in balancer.encoder_layouts.items()}
         reached: set[int] = set()
         handles = []
         for layouts in banks.values():

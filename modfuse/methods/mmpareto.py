@@ -58,8 +58,8 @@ class MMPareto(Method):
         g_mm_all = torch.autograd.grad(fused, all_params, retain_graph=True, allow_unused=True)
         by_param = dict(zip(map(id, all_params), g_mm_all))
         results = []
-        for m, pairs in balancer.encoders.items():
-            for layout in balancer.layouts(pairs):
+        for m, layouts in balancer.encoder_layouts.items():
+            for layout in layouts:
                 params = layout.params
                 encoder_ids.update(map(id, params))
                 g_m = torch.autograd.grad(step.mean(step.unimodal[m]), params, retain_graph=True, allow_unused=True)
