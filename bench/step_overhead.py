@@ -14,7 +14,6 @@ M extra forwards).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -25,12 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modfuse
-from modfuse import ops
-from modfuse.methods import calibrated as calibrated_module
+from modfuse.train.timing import op_timer
 from bench.__main__ import RESULTS, environment
-
-OP_NAMES = ("segment_sq_norms", "moments_accumulate_", "linear_moments", "calibrated_aggregate", "gram",
-            "weighted_sum", "segment_scale_")
 
 CASES = [  # (label, method, options, pass unimodal losses)
     ("none (fused only)", "none", {}, False),
@@ -56,36 +51,6 @@ class LateFusion(nn.Module):
     def forward(self, xs):
         hs = {m: self.enc[m](xs[m]) for m in self.enc}
         return self.head(torch.stack(list(hs.values())).mean(0)), {m: self.head(h) for m, h in hs.items()}
-
-
-@contextlib.contextmanager
-def op_timer(device):
-    """Wrap the fused ops (as the methods call them) to add up the time spent inside them."""
-    spent = [0.0]
-
-    def wrap(fn):
-        def timed(*args, **kwargs):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            spent[0] += time.perf_counter() - start
-            return out
-        return timed
-
-    saved = {name: getattr(ops, name) for name in OP_NAMES}
-    saved_calibrate = calibrated_module.calibrate
-    for name, fn in saved.items():
-        setattr(ops, name, wrap(fn))
-    calibrated_module.calibrate = wrap(saved_calibrate)
-    try:
-        yield spent
-    finally:
-        for name, fn in saved.items():
-            setattr(ops, name, fn)
-        calibrated_module.calibrate = saved_calibrate
 
 
 def measure(label, method, options, unimodal, args, device):

@@ -120,9 +120,6 @@ class Balancer:
                     raise ValueError(f"parameter {name!r} is in both {owner[id(p)]} and {group}: each parameter "
                                      "may belong to one group only")
                 owner[id(p)] = group
-        for m, pairs in self.encoders.items():
-            if not pairs:
-                raise ValueError(f"encoders[{m!r}] has no trainable parameters")
         self.others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
         self.trainable = [p for _, ps in self.encoders.items() for _, p in ps] + \
                          [p for _, p in self.shared] + [p for _, p in self.others]
@@ -132,6 +129,12 @@ class Balancer:
         self.skipped = 0        # steps skipped for a non-finite loss
         self.epoch = 0          # epochs finished (Balancer.end_epoch)
         self.method = _methods.create(method, self, **options)
+        # A frozen encoder (the utilization paper trains fusion layers on frozen encoders) is fine unless the
+        # method acts on encoder gradients.
+        for m, pairs in self.encoders.items():
+            if not pairs and self.method.modulates_encoders:
+                raise ValueError(f"encoders[{m!r}] has no trainable parameters, but method {method!r} acts on "
+                                 "encoder gradients")
 
     # -- groups as flat layouts -------------------------------------------------------------------------------
     def layouts(self, pairs: list[tuple[str, torch.nn.Parameter]]) -> list[FlatParams]:

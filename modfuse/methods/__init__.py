@@ -36,6 +36,8 @@ class Method:
     requires: tuple[str, ...] = ("fused",)
     #: False when the method forms its objective from logits alone (i2m2).
     needs_loss = True
+    #: True when the method acts on encoder gradients (so every encoder must have trainable parameters).
+    modulates_encoders = False
 
     def __init__(self, balancer: "Balancer"):
         self.balancer = balancer

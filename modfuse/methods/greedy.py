@@ -28,6 +28,7 @@ from modfuse.methods import Method, register
 class Greedy(Method):
     name = "greedy"
     requires = ()
+    modulates_encoders = True
 
     def __init__(self, balancer, threshold: float = 0.3, hold_steps: int = 5, window_steps: int | None = None):
         super().__init__(balancer)

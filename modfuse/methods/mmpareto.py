@@ -43,6 +43,7 @@ def pareto_weights(G: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.T
 class MMPareto(Method):
     name = "mmpareto"
     requires = ("fused", "unimodal")
+    modulates_encoders = True
 
     def __init__(self, balancer, gamma: float = 1.5):
         super().__init__(balancer)

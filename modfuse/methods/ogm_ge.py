@@ -60,6 +60,7 @@ def modulation(scores: torch.Tensor, alpha: float, continuous: bool) -> torch.Te
 class OGMGE(Method):
     name = "ogm_ge"
     requires = ("logits", "target")
+    modulates_encoders = True
 
     def __init__(self, balancer, alpha: float = 0.8, ge: bool = True, continuous: bool = False,
                  modulate: str = "matrices", start_epoch: int = 0, end_epoch: int = 50, seed: int = 0):

@@ -1,0 +1,179 @@
+"""`modfuse-train compare`: the baselines and every method, several seeds each, one table and two plots.
+
+Rows (each trained with the same data, model, optimizer and epochs; only the method and its losses differ):
+- none (fused only): plain joint training on the fused loss, the greedy case every method is measured against;
+- none + unimodal: the fused loss plus each modality's own loss. calibrated, mmpareto and mimo add those losses
+  too, so this control shows what the losses alone buy; a method is credited only with what it adds beyond it;
+- calibrated, ogm_ge, greedy, mmpareto, utilization (targets 0.5 and 0.75), mimo, i2m2 (its own product head);
+- the utilization paper's protocol: encoders pretrained each on its own modality and frozen, then only the fusion
+  head trained (fused loss alone, and with utilization targets 0.5 and 0.75).
+
+Columns, on the test split, mean ± standard deviation over seeds: clean accuracy; mean accuracy over the noise
+sweep and accuracy at variance 0.12 and at the sweep's largest variance, with Gaussian noise on the dominant modality; the dominant modality's
+shuffle utilization (the quantity the utilization targets set) and conditional utilization rate; the accuracy of
+every other modality's branch; the step time and the part of it spent in modfuse's fused ops.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from modfuse.train.config import Config, UNIMODAL_METHODS
+from modfuse.train.loop import RunError, run
+
+# (label, Config overrides)
+GRID: list[tuple[str, dict]] = [
+    ("none (fused only)", dict(method="none")),
+    ("none + unimodal (control)", dict(method="none", unimodal=True)),
+    ("calibrated", dict(method="calibrated")),
+    ("ogm_ge", dict(method="ogm_ge")),
+    ("greedy", dict(method="greedy")),
+    ("mmpareto", dict(method="mmpareto")),
+    ("utilization 0.5", dict(method="utilization", options={"target": 0.5})),
+    ("utilization 0.75", dict(method="utilization", options={"target": 0.75})),
+    ("mimo", dict(method="mimo")),
+    ("i2m2", dict(method="i2m2", fusion="i2m2")),
+    ("frozen: none (fused only)", dict(method="none", freeze_encoders=True, fusion="concat")),
+    ("frozen: utilization 0.5", dict(method="utilization", options={"target": 0.5}, freeze_encoders=True,
+                                     fusion="concat")),
+    ("frozen: utilization 0.75", dict(method="utilization", options={"target": 0.75}, freeze_encoders=True,
+                                      fusion="concat")),
+]
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def _one(config_dict: dict, run_dir: str, resume: bool) -> dict:
+    """One run in a worker process (one thread each, so runs share the cores without oversubscribing)."""
+    import torch
+    torch.set_num_threads(1)
+    return run(Config(**config_dict), run_dir, resume=resume, overwrite=not resume, progress=False)
+
+
+def compare(base: Config, out_dir: str | Path, *, seeds: int = 3, jobs: int | None = None, resume: bool = False,
+            overwrite: bool = False, only: list[str] | None = None, progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    if not resume:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            if not overwrite:
+                raise RunError(f"comparison directory {out_dir} already holds files; pass --overwrite to replace "
+                               "them or --resume to reuse its finished runs")
+            if not (out_dir / "compare.json").is_file() and not (out_dir / "compare.started").is_file():
+                raise RunError(f"--overwrite refused: {out_dir} is not a modfuse comparison directory")
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.started").write_text(base.to_json())
+    grid = [(label, o) for label, o in GRID if not only or label in only or slug(label) in only]
+    if only and not grid:
+        raise RunError(f"--only matched no row; rows are: {', '.join(slug(l) for l, _ in GRID)}")
+    tasks = []
+    for label, overrides in grid:
+        for seed in range(seeds):
+            values = asdict(base)
+            values.update(overrides, seed=base.seed + seed)
+            if overrides.get("options"):
+                values["options"] = {**base.options, **overrides["options"]}
+            config = Config(**values).validate()
+            run_dir = out_dir / slug(label) / f"seed{seed}"
+            finished = (run_dir / "summary.json").is_file()
+            tasks.append((label, seed, config, run_dir, finished))
+    results: dict[tuple[str, int], dict] = {}
+    pending = []
+    for label, seed, config, run_dir, finished in tasks:
+        if resume and finished:
+            results[(label, seed)] = json.loads((run_dir / "summary.json").read_text())
+        else:
+            pending.append((label, seed, config, run_dir))
+    jobs = jobs or os.cpu_count() or 1
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(tasks), initial=len(results), desc="compare runs")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_one, asdict(config), str(run_dir),
+                               resume and (run_dir / "config.json").is_file()): (label, seed)
+                   for label, seed, config, run_dir in pending}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    rows = [summarise(label, [results[(label, s)] for s in range(seeds)]) for label, _ in grid]
+    dominant = rows[0]["dominant"]
+    variances = results[(grid[0][0], 0)]["noise_variances"]
+    report = {"base_config": json.loads(base.to_json()), "seeds": seeds, "dominant": dominant,
+              "noise_variances": variances, "rows": rows, "wall_seconds": time.perf_counter() - start}
+    (out_dir / "compare.json").write_text(json.dumps(report, indent=1))
+    table = markdown_table(rows, dominant, seeds, variances)
+    (out_dir / "compare.md").write_text(table + "\n")
+    from modfuse.train.plots import plot_comparison
+    plot_comparison(rows, out_dir, dominant, variances)
+    (out_dir / "compare.started").unlink(missing_ok=True)
+    report["table"] = table
+    return report
+
+
+def summarise(label: str, summaries: list[dict]) -> dict:
+    """Per-seed figures of one row, and their mean and standard deviation."""
+    dominant = summaries[0]["dominant"]
+    others = [m for m in summaries[0]["modalities"] if m != dominant]
+    variances = summaries[0]["noise_variances"]
+    i012 = variances.index(0.12) if 0.12 in variances else None
+    per_seed = {"accuracy": [], "noise_mean": [], "acc_at_0.12": [], "acc_at_max": [], "mu_dominant": [],
+                "cu_dominant": [],
+                "step_ms": [], "modfuse_ms": []}
+    for m in others:
+        per_seed[f"branch_{m}"] = []
+    for s in summaries:
+        final, sweep = s["final"], s["noise"][dominant]
+        per_seed["accuracy"].append(final["accuracy"])
+        per_seed["noise_mean"].append(float(np.mean(sweep)))
+        per_seed["acc_at_0.12"].append(sweep[i012] if i012 is not None else float("nan"))
+        per_seed["acc_at_max"].append(sweep[variances.index(max(variances))])
+        per_seed["mu_dominant"].append(final["shuffle_utilization"][dominant])
+        per_seed["cu_dominant"].append(final["conditional_utilization"][dominant])
+        for m in others:
+            per_seed[f"branch_{m}"].append(final["branch_accuracy"][m])
+        t = [e["time_ms"] for e in s["epochs"][1:]] or [e["time_ms"] for e in s["epochs"]]  # epoch 1 warms up
+        per_seed["step_ms"].append(float(np.mean([x["model"] + x["modfuse"] for x in t])))
+        per_seed["modfuse_ms"].append(float(np.mean([x["modfuse"] for x in t])))
+    cfg = summaries[0]["config"]
+    return {"label": label, "method": cfg["method"], "dominant": dominant, "others": others,
+            "unimodal_losses": bool(cfg["unimodal"]) if cfg["unimodal"] is not None
+            else cfg["method"] in UNIMODAL_METHODS,
+            "freeze_encoders": cfg["freeze_encoders"], "fusion": cfg["fusion"], "per_seed": per_seed,
+            "mean": {k: float(np.mean(v)) for k, v in per_seed.items()},
+            "std": {k: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in per_seed.items()},
+            "noise": [s["noise"][dominant] for s in summaries],
+            "utilization_curves": [[e["shuffle_utilization"][dominant] for e in s["epochs"]] for s in summaries]}
+
+
+def markdown_table(rows: list[dict], dominant: str, seeds: int, variances: list[float]) -> str:
+    others = rows[0]["others"]
+    pct = lambda r, k: f"{100 * r['mean'][k]:.1f} ± {100 * r['std'][k]:.1f}"
+    head = ["method", "+unimodal losses", "clean acc %", f"mean acc % over noise on {dominant}", "acc % at σ²=0.12",
+            f"acc % at σ²={max(variances):g}", f"MU({dominant}) %", f"cond. util. {dominant} %"] + [f"{m} branch acc %" for m in others] + \
+           ["step ms", "modfuse ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["label"], "yes" if r["unimodal_losses"] else "no", pct(r, "accuracy"), pct(r, "noise_mean"),
+                 pct(r, "acc_at_0.12"), pct(r, "acc_at_max"), pct(r, "mu_dominant"), pct(r, "cu_dominant")] + \
+                [pct(r, f"branch_{m}") for m in others] + \
+                [f"{r['mean']['step_ms']:.2f}", f"{r['mean']['modfuse_ms']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nmean ± standard deviation over {seeds} seeds; MU = shuffle utilization share (Singh et al.); "
+                 "step ms = forward + Balancer.backward + optimizer step, of which modfuse ms is inside the fused ops.")
+    return "\n".join(lines)

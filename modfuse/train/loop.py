@@ -1,0 +1,318 @@
+"""One training run: data, model, a modfuse.Balancer step, per-epoch metrics, checkpoints, resume, noise sweep.
+
+Run directory layout:
+    config.json       the run's full configuration (a resumed run reads it back)
+    metrics.jsonl     one line per finished epoch (SPEC.md "Metrics" plus the step-time split)
+    checkpoint.pt     the latest finished epoch: model, optimizer, scheduler, RNG states, Balancer/method state
+    pretrained.pt     the pretrained encoders (--freeze-encoders only)
+    summary.json      the final evaluation: metrics and the noise sweep per modality
+    utilization.png, noise.png   plots of this run
+
+A run killed at any point and started again with --resume continues from the last finished epoch and ends with
+exactly the metrics of an uninterrupted run (the timings aside): every random draw comes from a generator
+whose state is in the checkpoint or that is seeded per epoch, and the metrics of epochs after the checkpoint
+are dropped from metrics.jsonl before they are recomputed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import modfuse
+from modfuse.train import data as data_module
+from modfuse.train import metrics as metrics_module
+from modfuse.train.config import Config, ConfigError
+from modfuse.train.models import LateFusionNet
+from modfuse.train.timing import op_timer, synchronize
+
+CHECKPOINT_VERSION = 1
+# Test hook: SIGKILL this process after that many optimizer steps (tests kill a run mid-epoch with it).
+KILL_ENV = "MODFUSE_TRAIN_KILL_AFTER_STEPS"
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint problem; the message names the path."""
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
+
+
+# -- run directory -------------------------------------------------------------------------------------------
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise RunError(f"--resume: {run_dir} holds no run (no config.json)")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunError(f"run directory {run_dir} already holds files; pass --overwrite to replace them or "
+                           "--resume to continue that run")
+        if not (run_dir / "config.json").is_file() and not (run_dir / "compare.json").is_file():
+            raise RunError(f"--overwrite refused: {run_dir} is not a modfuse run directory (no config.json), "
+                           "delete it yourself if you mean it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise RunError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is "
+                       "corrupted or not a modfuse checkpoint: delete it to restart the run from scratch") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise RunError(f"checkpoint {path} is not a modfuse trainer checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+def save_atomically(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- pieces of a run -----------------------------------------------------------------------------------------
+def load_data(config: Config) -> data_module.Dataset:
+    try:
+        return data_module.load(config.data, views=config.modalities() or None, data_dir=config.data_dir,
+                                test_fraction=config.test_fraction, seed=config.split_seed)
+    except data_module.DataError as err:
+        raise ConfigError(str(err)) from None
+
+
+def batches(n: int, size: int, generator: torch.Generator):
+    """Shuffled mini-batch indices; a last batch of one sample is dropped (a variance needs two)."""
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, size):
+        idx = perm[i:i + size]
+        if idx.numel() >= 2:
+            yield idx
+
+
+def pretrain_encoders(model: LateFusionNet, xs, y, config: Config, progress: bool) -> dict[str, float]:
+    """Train each encoder with its own linear classifier on its own modality (then they are frozen)."""
+    accuracy = {}
+    for m, encoder in model.enc.items():
+        probe = torch.nn.Linear(config.hidden, int(y.max()) + 1).to(y.device)
+        params = list(encoder.parameters()) + list(probe.parameters())
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        g = torch.Generator().manual_seed(config.seed * 7919 + 17)
+        for _ in _progress(range(config.pretrain_epochs), progress, desc=f"pretrain {m}", leave=False):
+            for idx in batches(y.shape[0], config.batch_size, g):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(probe(encoder(xs[m][idx])), y[idx]).backward()
+                optimizer.step()
+        with torch.no_grad():
+            accuracy[m] = float((probe(encoder(xs[m])).argmax(1) == y).float().mean())
+    return accuracy
+
+
+def method_options(config: Config, dominant: str, steps_per_epoch: int) -> dict:
+    options = dict(config.options)
+    if config.method == "utilization":
+        options.setdefault("dominant", dominant)
+        options.setdefault("steps_per_epoch", steps_per_epoch)
+        options.setdefault("seed", config.seed)
+    if config.method in ("ogm_ge",):
+        options.setdefault("seed", config.seed)
+    if config.method == "calibrated" and config.fusion == "shared":
+        options.setdefault("moments", "per_sample")  # the head is an nn.Linear: exact per-sample moments
+    return options
+
+
+def train_epoch(model, balancer, optimizer, xs, y, config: Config, generator, device, progress: bool,
+                kill_after: int | None, steps_done: int) -> dict:
+    """One epoch of Balancer steps. Returns the mean loss and the per-step time split (ms)."""
+    model.train()
+    use_unimodal = config.uses_unimodal_losses()
+    times = dict(forward=0.0, backward=0.0, optimizer=0.0)
+    losses, steps = 0.0, 0
+    with op_timer(device) as spent:
+        for idx in _progress(list(batches(y.shape[0], config.batch_size, generator)), progress, desc="batches",
+                             leave=False):
+            part, target = {m: x[idx] for m, x in xs.items()}, y[idx]
+            synchronize(device)
+            t0 = time.perf_counter()
+            fused, unimodal = model(part)
+            synchronize(device)
+            t1 = time.perf_counter()
+            kw = dict(logits=unimodal, fused_logits=fused, target=target, forward=lambda d: model(d)[0], inputs=part)
+            if config.method != "i2m2":
+                kw["fused"] = F.cross_entropy(fused, target, reduction="none")
+            if use_unimodal:
+                kw["unimodal"] = {m: F.cross_entropy(v, target, reduction="none") for m, v in unimodal.items()}
+            optimizer.zero_grad(set_to_none=True)
+            stepped = balancer.backward(**kw)
+            synchronize(device)
+            t2 = time.perf_counter()
+            if stepped:
+                optimizer.step()
+            synchronize(device)
+            t3 = time.perf_counter()
+            times["forward"] += t1 - t0
+            times["backward"] += t2 - t1
+            times["optimizer"] += t3 - t2
+            with torch.no_grad():
+                losses += float(F.cross_entropy(model.scores(fused, unimodal), target))
+            steps += 1
+            if kill_after is not None and steps_done + steps >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        ops_s = spent[0]
+    ms = {k: 1e3 * v / steps for k, v in times.items()}
+    ops_ms = 1e3 * ops_s / steps
+    return {"train_loss": losses / steps, "steps": steps,
+            "time_ms": {"forward": ms["forward"], "balancer_backward": ms["backward"], "optimizer": ms["optimizer"],
+                        "modfuse_ops": ops_ms,
+                        "model": ms["forward"] + ms["backward"] - ops_ms + ms["optimizer"],
+                        "modfuse": ops_ms}}
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+        progress: bool = True) -> dict:
+    """Train (or continue) one run in `run_dir`; returns the summary (also written to summary.json)."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        try:
+            config = Config.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
+        except ValueError as err:
+            raise RunError(f"{run_dir / 'config.json'} cannot be read ({err})") from None
+    config = config.validate()
+    data = load_data(config)
+    modalities = list(data.modalities)
+    dominant = config.dominant or modalities[0]
+    if dominant not in modalities:
+        raise ConfigError(f"--dominant {dominant!r} is not a modality of this data ({', '.join(modalities)})")
+    if not resume:
+        (run_dir / "config.json").write_text(config.to_json())
+
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this torch has no CUDA device")
+    tensors = lambda split: ({m: torch.from_numpy(x).to(device) for m, x in split[0].items()},
+                             torch.from_numpy(split[1]).to(device))
+    (xtr, ytr), (xte, yte) = tensors(data.split("train")), tensors(data.split("test"))
+    train_means = {m: torch.from_numpy(v).to(device) for m, v in data.train_means().items()}
+
+    torch.manual_seed(config.seed)
+    model = LateFusionNet({m: tuple(x.shape[1:]) for m, x in xtr.items()}, data.classes, config.hidden,
+                          config.fusion).to(device)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    pretrain_accuracy = None
+    if config.freeze_encoders:
+        pretrained_path = run_dir / "pretrained.pt"
+        if checkpoint is None:
+            if resume and pretrained_path.exists():
+                pretrained = load_checkpoint(pretrained_path)
+                model.enc.load_state_dict(pretrained["encoders"])
+                pretrain_accuracy = pretrained["train_accuracy"]
+            else:
+                pretrain_accuracy = pretrain_encoders(model, xtr, ytr, config, progress)
+                save_atomically({"version": CHECKPOINT_VERSION, "encoders": model.enc.state_dict(),
+                                 "train_accuracy": pretrain_accuracy}, pretrained_path)
+        for p in model.enc.parameters():
+            p.requires_grad_(False)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    steps_per_epoch = len(list(batches(ytr.shape[0], config.batch_size, torch.Generator())))
+    balancer = modfuse.Balancer(model, encoders=dict(model.enc), shared=model.shared(), method=config.method,
+                                **method_options(config, dominant, steps_per_epoch))
+    loader_generator = torch.Generator().manual_seed(config.seed)
+
+    start_epoch, steps_done = 0, 0
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            balancer.load_state_dict(checkpoint["balancer"])
+            loader_generator.set_state(checkpoint["loader_rng"])
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+            start_epoch, steps_done = int(checkpoint["epoch"]), int(checkpoint["steps"])
+            pretrain_accuracy = checkpoint.get("pretrain_accuracy")
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise RunError(f"checkpoint {checkpoint_path} does not fit this run's configuration "
+                           f"({type(err).__name__}: {str(err)[:200]})") from None
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_epoch)
+
+    kill_after = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
+    epochs = _progress(range(start_epoch, config.epochs), progress, desc=f"{config.method}", initial=start_epoch,
+                       total=config.epochs)
+    for epoch in epochs:
+        record = {"epoch": epoch + 1, "method": config.method, "lr": scheduler.get_last_lr()[0]}
+        record.update(train_epoch(model, balancer, optimizer, xtr, ytr, config, loader_generator, device,
+                                  progress, kill_after, steps_done))
+        steps_done += record["steps"]
+        balancer.end_epoch()
+        scheduler.step()
+        record.update(metrics_module.evaluate(model, xte, yte, train_means, seed=1000 + epoch))
+        record["method_stats"] = {k: v for k, v in balancer.stats().items()}
+        record["skipped_steps"] = balancer.skipped
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_atomically({"version": CHECKPOINT_VERSION, "epoch": epoch + 1, "steps": steps_done,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "balancer": balancer.state_dict(),
+                         "loader_rng": loader_generator.get_state(), "torch_rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                         "pretrain_accuracy": pretrain_accuracy}, checkpoint_path)
+        if progress and hasattr(epochs, "set_postfix"):
+            epochs.set_postfix(acc=f"{record['accuracy']:.3f}",
+                               mu=f"{record['shuffle_utilization'][dominant]:.2f}")
+
+    final = metrics_module.evaluate(model, xte, yte, train_means, seed=999_999)
+    sweep = metrics_module.noise_sweep(model, xte, yte, config.noise_variances, draws=config.noise_draws,
+                                       seed=config.seed)
+    summary = {"config": json.loads(config.to_json()), "dominant": dominant, "modalities": modalities,
+               "final": final, "noise_variances": list(config.noise_variances), "noise": sweep,
+               "pretrain_train_accuracy": pretrain_accuracy, "epochs": read_metrics(metrics_path)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    from modfuse.train.plots import plot_run
+    plot_run(summary, run_dir)
+    return summary
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    """Keep the metrics of the first `epochs` epochs (those the checkpoint covers)."""
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics_tolerant(path) if r["epoch"] <= epochs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_metrics_tolerant(path: Path) -> list[dict]:
+    """metrics.jsonl lines, skipping a last line cut short by a kill."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out

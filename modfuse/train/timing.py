@@ -1,0 +1,52 @@
+"""Time spent inside modfuse's fused ops during a training step (the "modfuse" part of the step time)."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from modfuse import ops
+from modfuse.methods import calibrated as calibrated_module
+
+OP_NAMES = ("segment_sq_norms", "moments_accumulate_", "linear_moments", "calibrated_aggregate", "gram",
+            "weighted_sum", "segment_scale_")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def op_timer(device: torch.device):
+    """Wrap the fused ops, as the methods call them, to add up the seconds spent inside them.
+
+    Yields a one-element list holding the running total. The methods call the ops through the `modfuse.ops`
+    module (and calibrated through its `calibrate`), so wrapping those attributes catches every call; they are
+    restored on exit. On a GPU each call is synchronised, which serialises it: use this for a time split, not
+    for peak throughput.
+    """
+    spent = [0.0]
+
+    def wrap(fn):
+        def timed(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            synchronize(device)
+            spent[0] += time.perf_counter() - start
+            return out
+        return timed
+
+    saved = {name: getattr(ops, name) for name in OP_NAMES}
+    saved_calibrate = calibrated_module.calibrate
+    for name, fn in saved.items():
+        setattr(ops, name, wrap(fn))
+    calibrated_module.calibrate = wrap(saved_calibrate)
+    try:
+        yield spent
+    finally:
+        for name, fn in saved.items():
+            setattr(ops, name, fn)
+        calibrated_module.calibrate = saved_calibrate
