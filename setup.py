@@ -2,7 +2,8 @@
 
 The CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built only when the installed torch has
 CUDA (torch.version.cuda); with a CPU-only torch, CUDAExtension cannot link (torch_cuda is absent), so there the
-.cu files are only compile-checked by `nvcc` in CI (.ci/run).
+.cu files are only compile-checked by `nvcc` in CI (.ci/run), and csrc/cuda_ops.cpp (their tensor wrappers) by
+`g++ -fsyntax-only` against torch's CUDA headers.
 
 Environment:
   MODFUSE_ARCH_FLAGS  compiler flags for the CPU instruction set (default "-march=native": the extension is
@@ -43,7 +44,7 @@ setup(
     ext_modules=[
         extension_cls(
             name="modfuse._C",
-            sources=cpu_sources + (cuda_sources if with_cuda else []),
+            sources=cpu_sources + (cuda_sources + ["csrc/cuda_ops.cpp"] if with_cuda else []),
             include_dirs=[os.path.join(here, "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,

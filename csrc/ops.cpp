@@ -32,3 +32,21 @@ TORCH_LIBRARY_IMPL(modfuse, CPU, m) {
   m.impl("weighted_sum", &weighted_sum_cpu);
   m.impl("segment_scale_", &segment_scale_cpu);
 }
+
+#ifdef MODFUSE_WITH_CUDA
+// CUDA kernels (csrc/cuda/<op>.cu through the wrappers in csrc/cuda_ops.cpp). linear_moments has no CUDA kernel
+// of its own: its GPU kernel is the Triton GEMM (modfuse/triton/linear_moments.py); registered here is the same
+// ATen composition as on the CPU (cuBLAS GEMMs), so torch.ops.modfuse.linear_moments works on CUDA tensors too.
+TORCH_LIBRARY_IMPL(modfuse, CUDA, m) {
+  using namespace modfuse::cuda;
+  m.impl("segment_sq_norms", &segment_sq_norms_cuda);
+  m.impl("moments", &moments_cuda);
+  m.impl("moments_accumulate_", &moments_accumulate_cuda);
+  m.impl("linear_moments", &modfuse::cpu::linear_moments_cpu);
+  m.impl("calibrated_aggregate", &calibrated_aggregate_cuda);
+  m.impl("calibrated_aggregate_samples", &calibrated_aggregate_samples_cuda);
+  m.impl("gram", &gram_cuda);
+  m.impl("weighted_sum", &weighted_sum_cuda);
+  m.impl("segment_scale_", &segment_scale_cuda);
+}
+#endif

@@ -24,3 +24,23 @@ at::Tensor weighted_sum_cpu(const at::Tensor& X, const at::Tensor& w);
 void segment_scale_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& scale,
                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_std);
 }  // namespace modfuse::cpu
+
+#ifdef MODFUSE_WITH_CUDA
+namespace modfuse::cuda {
+at::Tensor segment_sq_norms_cuda(const at::Tensor& x, const at::Tensor& offsets);
+std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& G);
+void moments_accumulate_cuda(const at::Tensor& S1, const at::Tensor& S2, const at::Tensor& g);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cuda(const at::Tensor& S1, const at::Tensor& S2,
+                                                                         const at::Tensor& n, double kappa,
+                                                                         std::optional<double> eps,
+                                                                         double evidence_max, bool return_uncertainty);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cuda(const at::Tensor& G, double kappa,
+                                                                                 std::optional<double> eps,
+                                                                                 double evidence_max,
+                                                                                 bool return_uncertainty);
+at::Tensor gram_cuda(const at::Tensor& X);
+at::Tensor weighted_sum_cuda(const at::Tensor& X, const at::Tensor& w);
+void segment_scale_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_std);
+}  // namespace modfuse::cuda
+#endif

@@ -1,0 +1,45 @@
+// Op 6 (SPEC.md), segment_scale_: x[d] = x[d] * scale[p] (+ noise[d] * noise_std[p]) in place for d in segment p
+// (OGM-GE's modulation and generalisation noise in one pass). One block per piece of a segment (build_pieces),
+// so every block knows its segment without a search.
+#include "cuda/common.cuh"
+
+namespace modfuse::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) segment_scale_kernel(T* __restrict__ x, const int64_t* __restrict__ pieces,
+                                                                 const acc_t<T>* __restrict__ scale,
+                                                                 const acc_t<T>* __restrict__ noise,
+                                                                 const acc_t<T>* __restrict__ noise_std) {
+  using A = acc_t<T>;
+  const int64_t w = blockIdx.x;
+  const int64_t p = pieces[3 * w], begin = pieces[3 * w + 1], end = pieces[3 * w + 2];
+  const A sc = scale[p];
+  const A sd = noise != nullptr ? noise_std[p] : A(0);
+  for (int64_t d = begin + threadIdx.x; d < end; d += blockDim.x) {
+    A y = to_acc<A>(x[d]) * sc;  // the reference's order: scale first, then add the noise
+    if (noise != nullptr) y = y + noise[d] * sd;
+    x[d] = from_acc<T>(y);
+  }
+}
+
+}  // namespace
+
+int segment_scale(void* x, DType t, const int64_t* pieces, int64_t W, const void* scale, const void* noise,
+                  const void* noise_std, void* stream) {
+  if ((noise == nullptr) != (noise_std == nullptr)) return static_cast<int>(cudaErrorInvalidValue);
+  auto s = static_cast<cudaStream_t>(stream);
+  return dispatch(t, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    if (W > 0)
+      segment_scale_kernel<T><<<static_cast<unsigned>(W), kThreads, 0, s>>>(
+          static_cast<T*>(x), pieces, static_cast<const A*>(scale), static_cast<const A*>(noise),
+          static_cast<const A*>(noise_std));
+    return to_int(cudaGetLastError());
+  });
+}
+
+}  // namespace modfuse::cuda
