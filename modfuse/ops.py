@@ -2,8 +2,12 @@
 
 Each function validates its arguments (modfuse/_checks.py), then runs on one backend:
 
-- ``"auto"`` (default): the compiled kernels for the tensors' device when modfuse._C has them, otherwise the
-  reference (with a one-time warning, e.g. CUDA tensors before the CUDA kernels exist or a build without _C).
+- ``"auto"`` (default): CPU tensors run the fused C++ kernels; CUDA tensors run the CUDA kernels when this
+  build has them (a torch with CUDA at build time), else the Triton kernels when triton is installed and has the
+  op (Ops 1, 3, 4, 5), else the reference (with a one-time warning).
+- ``"cuda"``: the CUDA kernels (csrc/cuda/*.cu); CUDA tensors and a CUDA build only.
+- ``"triton"``: the Triton kernels (modfuse/triton/*.py) for segment_sq_norms, linear_moments,
+  calibrated_aggregate and gram; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
 - ``"cpu"``: the fused C++ kernels (torch.ops.modfuse.*); CPU tensors only.
 - ``"reference"``: modfuse.reference, the SPEC in plain PyTorch (any device, slow, the test oracle).
 
@@ -37,13 +41,28 @@ except ImportError as error:  # pragma: no cover - exercised only in a broken in
     _C = None
     _IMPORT_ERROR = error
 
-BACKENDS = ("auto", "cpu", "reference")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+# Ops with a Triton kernel (modfuse/triton/<op>.py); every op has a CPU and a CUDA registration.
+TRITON_OPS = ("segment_sq_norms", "linear_moments", "calibrated_aggregate", "gram")
 _warned: set[str] = set()
 
 
+def _cuda_built() -> bool:
+    return _C is not None and bool(getattr(_C, "with_cuda", False))
+
+
 def available_backends() -> list[str]:
-    """The backends this build can run: "cpu" when the compiled extension loaded, "reference" always."""
-    return (["cpu"] if _C is not None else []) + ["reference"]
+    """The backends this build and machine can run: "cuda" (CUDA build and a GPU), "triton" (triton installed and
+    a GPU, or TRITON_INTERPRET=1), "cpu" (the compiled extension loaded), and "reference" always."""
+    from modfuse import triton as triton_backend
+
+    out = []
+    if _cuda_built() and torch.cuda.is_available():
+        out.append("cuda")
+    if triton_backend.runs_on(torch.device("cuda")) and torch.cuda.is_available() or \
+            triton_backend.runs_on(torch.device("cpu")):
+        out.append("triton")
+    return out + (["cpu"] if _C is not None else []) + ["reference"]
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -52,11 +71,30 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _backend(backend: str, device: torch.device) -> str:
-    """Resolve "auto" and check that a forced backend can run tensors on `device`."""
+def _backend(backend: str, device: torch.device, op: str) -> str:
+    """Resolve "auto" for `op` on `device`, and check that a forced backend can run it there."""
+    from modfuse import triton as triton_backend
+
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "reference":
+        return backend
+    if backend == "triton":
+        if op not in TRITON_OPS:
+            raise ValueError(f"backend='triton' has no kernel for {op}; it covers {', '.join(TRITON_OPS)}")
+        if not triton_backend.installed():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if not triton_backend.runs_on(device):
+            raise ValueError(f"backend='triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got "
+                             f"tensors on {device}")
+        triton_backend.load()
+        return backend
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs CUDA tensors only, got tensors on {device}")
+        if not _cuda_built():
+            raise RuntimeError("backend='cuda': this build of modfuse._C has no CUDA kernels (it was built against a "
+                               "torch without CUDA); reinstall with a CUDA torch: pip install --no-build-isolation -e .")
         return backend
     if _C is None:
         if backend == "cpu":
@@ -68,8 +106,13 @@ def _backend(backend: str, device: torch.device) -> str:
         return "cpu"
     if backend == "cpu":
         raise ValueError(f"backend='cpu' runs CPU tensors only, got tensors on {device}")
-    _warn_once(f"device:{device.type}", f"modfuse has no compiled kernels for {device.type} tensors in this "
-                                        "build; using the reference backend")
+    if device.type == "cuda" and _cuda_built():
+        return "cuda"
+    if device.type == "cuda" and op in TRITON_OPS and triton_backend.installed():
+        triton_backend.load()
+        return "triton"
+    _warn_once(f"device:{device.type}:{op}", f"modfuse has no compiled kernel for {op} on {device.type} tensors in "
+                                             "this build; using the reference backend")
     return "reference"
 
 
@@ -95,8 +138,12 @@ def segment_sq_norms(x: torch.Tensor, offsets, *, check_finite: bool = False, ba
     if check_finite:
         check.finite_per_modality("x", x2)
     x2 = x2.contiguous()
-    if _backend(backend, x.device) == "reference":
+    chosen = _backend(backend, x.device, "segment_sq_norms")
+    if chosen == "reference":
         out = reference.segment_sq_norms(x2, off.to(x.device))
+    elif chosen == "triton":
+        from modfuse.triton.segment_sq_norms import piece_tensors
+        out = torch.ops.modfuse_triton.segment_sq_norms(x2, *piece_tensors(off, x.device))
     else:
         out = torch.ops.modfuse.segment_sq_norms(x2, off)
     return out[0] if flat else out
@@ -115,7 +162,7 @@ def moments(G: torch.Tensor, *, check_finite: bool = False, backend: str = "auto
     if check_finite:
         check.finite_per_modality("G", G)
     G = G.contiguous()
-    if _backend(backend, G.device) == "reference":
+    if _backend(backend, G.device, "moments") == "reference":
         return reference.moments(G)
     return torch.ops.modfuse.moments(G)
 
@@ -135,7 +182,7 @@ def moments_accumulate_(S1: torch.Tensor, S2: torch.Tensor, g: torch.Tensor, *, 
     check.same_device("S1", S1, S2=S2, g=g)
     check.contiguous_output("S1", S1)
     check.contiguous_output("S2", S2)
-    if _backend(backend, S1.device) == "reference":
+    if _backend(backend, S1.device, "moments_accumulate_") == "reference":
         reference.moments_accumulate_(S1, S2, g)
     else:
         torch.ops.modfuse.moments_accumulate_(S1, S2, g.contiguous())
@@ -164,8 +211,11 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, bac
         lead = "[N]" if x.dim() == 2 else "[N, T]"
         raise ValueError(f"gy must match x in its leading dims {lead}: x is {tuple(x.shape)}, "
                          f"gy is {tuple(gy.shape)}")
-    if _backend(backend, x.device) == "reference":
+    chosen = _backend(backend, x.device, "linear_moments")
+    if chosen == "reference":
         result = reference.linear_moments(x, gy)
+    elif chosen == "triton":
+        result = torch.ops.modfuse_triton.linear_moments(x, gy)
     else:
         result = torch.ops.modfuse.linear_moments(x, gy)
     return tuple(result) if bias else tuple(result[:2])
@@ -218,8 +268,12 @@ def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1
         check.finite_per_modality("S1", S1)
         check.finite_per_modality("S2", S2)
     S1, S2 = S1.contiguous(), S2.contiguous()
-    if _backend(backend, S1.device) == "reference":
+    chosen = _backend(backend, S1.device, "calibrated_aggregate")
+    if chosen == "reference":
         result = reference.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max, return_uncertainty)
+    elif chosen == "triton":
+        result = torch.ops.modfuse_triton.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max,
+                                                               return_uncertainty)
     else:
         result = torch.ops.modfuse.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max, return_uncertainty)
     return _aggregate_result(result, return_uncertainty)
@@ -245,7 +299,7 @@ def calibrated_aggregate_samples(G: torch.Tensor, kappa: float = 1.0, eps: float
     if check_finite:
         check.finite_per_modality("G", G)
     G = G.contiguous()
-    if _backend(backend, G.device) == "reference":
+    if _backend(backend, G.device, "calibrated_aggregate_samples") == "reference":
         result = reference.calibrated_aggregate_samples(G, kappa, eps, evidence_max, return_uncertainty)
     else:
         result = torch.ops.modfuse.calibrated_aggregate_samples(G, kappa, eps, evidence_max, return_uncertainty)
@@ -269,8 +323,11 @@ def gram(X: torch.Tensor, *, check_finite: bool = False, backend: str = "auto") 
     if check_finite:
         check.finite_per_modality("X", X)
     X = X.contiguous()
-    if _backend(backend, X.device) == "reference":
+    chosen = _backend(backend, X.device, "gram")
+    if chosen == "reference":
         return reference.gram(X)
+    if chosen == "triton":
+        return torch.ops.modfuse_triton.gram(X)
     return torch.ops.modfuse.gram(X)
 
 
@@ -301,7 +358,7 @@ def weighted_sum(X: torch.Tensor, w: torch.Tensor, *, check_finite: bool = False
         check.finite_per_modality("X", X)
         check.finite_per_modality("w", w.reshape(R, -1))
     X, w = X.contiguous(), w.contiguous()
-    if _backend(backend, X.device) == "reference":
+    if _backend(backend, X.device, "weighted_sum") == "reference":
         return reference.weighted_sum(X, w)
     return torch.ops.modfuse.weighted_sum(X, w)
 
@@ -333,7 +390,7 @@ def segment_scale_(x: torch.Tensor, offsets, scale, *, noise_std=None, generator
         if generator is not None and generator.device != x.device:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
         noise = torch.randn(x.shape[0], generator=generator, dtype=acc, device=x.device)
-    if _backend(backend, x.device) == "reference":
+    if _backend(backend, x.device, "segment_scale_") == "reference":
         reference.segment_scale_(x, off.to(x.device), scale, noise_std, noise=noise)
     else:
         torch.ops.modfuse.segment_scale_(x, off, scale, noise, noise_std)

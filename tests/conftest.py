@@ -36,7 +36,7 @@ def assert_close(actual, expected, dtype, *, scale=None, rtol=None):
     if scale is None:
         scale = expected.abs().max().item() if expected.numel() else 1.0
     atol = rtol * max(float(scale), 1e-30)
-    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=rtol, atol=atol, equal_nan=False)
+    torch.testing.assert_close(actual.to("cpu", torch.float64), expected, rtol=rtol, atol=atol, equal_nan=False)
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
@@ -54,3 +54,52 @@ def gradient_samples(M, K, D, dtype, gen, *, signal=0.7):
     scale = torch.logspace(-1, 1, M, dtype=torch.float64).reshape(M, 1, 1)
     G = (mean + torch.randn(M, K, D, generator=gen, dtype=torch.float64)) * scale
     return G.to(dtype)
+
+
+# -- backends: the same test matrix on the CPU kernels, the CUDA kernels and the Triton kernels ------------------
+# Triton's interpreter runs the Triton kernels on CPU tensors (tests/test_triton.py, small shapes); it must be
+# switched on before triton is first imported, so here, when there is no GPU to run them on.
+if not torch.cuda.is_available():
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+class Target:
+    """Where a matrix test runs: a backend and the device of its tensors."""
+
+    def __init__(self, backend: str, device: str):
+        self.backend, self.device = backend, torch.device(device)
+
+    def __call__(self, t):
+        """Move an input to this target's device (None and numbers pass through)."""
+        return t.to(self.device) if isinstance(t, torch.Tensor) else t
+
+    def skip_unless(self, op: str) -> None:
+        from modfuse.ops import TRITON_OPS
+        if self.backend == "triton" and op not in TRITON_OPS:
+            pytest.skip(f"no Triton kernel for {op}")
+
+
+def _cuda_backend_ready() -> bool:
+    import modfuse.ops
+    return torch.cuda.is_available() and modfuse.ops._cuda_built()
+
+
+def _gpu_triton_ready() -> bool:
+    import importlib.util
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+TARGETS = [
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
+        not _cuda_backend_ready(), reason="needs a GPU and a CUDA build of modfuse._C")),
+    pytest.param(("triton", "cuda"), id="triton", marks=pytest.mark.skipif(
+        not _gpu_triton_ready(), reason="needs a GPU and triton")),
+]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request) -> Target:
+    return Target(*request.param)

@@ -35,11 +35,11 @@ CASES = [(M, D) for M in (2, 3, 16) for D in (1, 7, 4099)] + [(2, 1 << 20), (3, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("M,D", CASES)
-def test_moments_form_matches_reference(M, D, dtype, gen):
+def test_moments_form_matches_reference(M, D, dtype, gen, target):
     K = 5
     S1, S2 = banks(gradient_samples(M, K, D, torch.float64, gen), dtype)
     n = torch.full((M,), float(K))
-    result = mf.calibrated_aggregate(S1, S2, n, return_uncertainty=True)
+    result = mf.calibrated_aggregate(target(S1), target(S2), n, return_uncertainty=True, backend=target.backend)
     expected = reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True)
     check_against_reference(result, expected, dtype)
 
@@ -47,9 +47,10 @@ def test_moments_form_matches_reference(M, D, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("K", [2, 5, 64])
 @pytest.mark.parametrize("M,D", [(2, 1), (3, 7), (16, 4099), (3, 4099)])
-def test_samples_form_matches_reference(M, K, D, dtype, gen):
+def test_samples_form_matches_reference(M, K, D, dtype, gen, target):
+    target.skip_unless("calibrated_aggregate_samples")
     G = gradient_samples(M, K, D, dtype, gen)
-    result = mf.calibrated_aggregate_samples(G, return_uncertainty=True)
+    result = mf.calibrated_aggregate_samples(target(G), return_uncertainty=True, backend=target.backend)
     expected = reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True)
     check_against_reference(result, expected, dtype)
 
@@ -73,14 +74,16 @@ def test_unequal_counts_and_options(gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_noncontiguous_inputs(dtype, gen):
+def test_noncontiguous_inputs(dtype, gen, target):
     G = gradient_samples(3, 5, 4099, dtype, gen)
     S1, S2 = banks(G, dtype)
     n = torch.full((3,), 5.0)
-    check_against_reference(mf.calibrated_aggregate(noncontiguous(S1), noncontiguous(S2), n, return_uncertainty=True),
+    check_against_reference(mf.calibrated_aggregate(noncontiguous(target(S1)), noncontiguous(target(S2)), n,
+                                                    return_uncertainty=True, backend=target.backend),
                             reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True), dtype)
-    Gnc = noncontiguous(G)
-    check_against_reference(mf.calibrated_aggregate_samples(Gnc, return_uncertainty=True),
+    target.skip_unless("calibrated_aggregate_samples")
+    Gnc = noncontiguous(target(G))
+    check_against_reference(mf.calibrated_aggregate_samples(Gnc, return_uncertainty=True, backend=target.backend),
                             reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True), dtype)
 
 
@@ -180,14 +183,15 @@ def test_noise_dimensions_shrink_signal_dimensions_keep(gen):
 # ---- NaN/Inf policy ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_propagates_to_its_element_only(dtype, bad, gen):
+def test_non_finite_propagates_to_its_element_only(dtype, bad, gen, target):
     M, D = 3, 4099
     S1, S2 = banks(gradient_samples(M, 5, D, torch.float64, gen), dtype)
-    clean, _ = mf.calibrated_aggregate(S1, S2, [5] * M)
+    S1, S2 = target(S1), target(S2)
+    clean, _ = mf.calibrated_aggregate(S1, S2, [5] * M, backend=target.backend)
     S1[1, 100] = bad
-    out, stats = mf.calibrated_aggregate(S1, S2, [5] * M)
+    out, stats = mf.calibrated_aggregate(S1, S2, [5] * M, backend=target.backend)
     assert not out[100].isfinite()
-    others = torch.ones(D, dtype=torch.bool)
+    others = torch.ones(D, dtype=torch.bool, device=out.device)
     others[100] = False
     assert torch.equal(out[others], clean[others])
     assert stats[[0, 2]].isfinite().all() and not stats[1, 0].isfinite()

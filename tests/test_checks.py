@@ -114,8 +114,17 @@ def test_bad_scalars(banks):
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of 'auto', 'cpu', 'reference', got 'gpu'"):
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'cuda', 'triton', 'cpu', 'reference', "
+                                         "got 'gpu'"):
         mf.gram(torch.randn(2, 3), backend="gpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a GPU")
+def test_forced_gpu_backends_on_cpu_tensors_are_clear_errors():
+    with pytest.raises(ValueError, match="backend='cuda' runs CUDA tensors only, got tensors on cpu"):
+        mf.gram(torch.randn(2, 3), backend="cuda")
+    with pytest.raises(ValueError, match="backend='triton' has no kernel for weighted_sum"):
+        mf.weighted_sum(torch.randn(2, 3), torch.ones(2), backend="triton")
 
 
 def test_bad_input_leaves_in_place_targets_untouched():

@@ -20,12 +20,12 @@ def per_sample_grads(x, gy):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(1, None, 1, 1), (9, None, 7, 5), (6, 4, 7, 5), (3, 17, 33, 2)])
-def test_matches_per_sample_gradients(shape, dtype, gen):
+def test_matches_per_sample_gradients(shape, dtype, gen, target):
     N, T, I, O = shape
     lead = (N,) if T is None else (N, T)
     x = torch.randn(*lead, I, generator=gen).to(dtype)
     gy = torch.randn(*lead, O, generator=gen).to(dtype)
-    S1, S2, B1, B2 = mf.linear_moments(x, gy, bias=True)
+    S1, S2, B1, B2 = mf.linear_moments(target(x), target(gy), bias=True, backend=target.backend)
     W, b = per_sample_grads(x, gy)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rtol = 1e-10 if dtype == torch.float64 else 1e-5
@@ -37,20 +37,20 @@ def test_matches_per_sample_gradients(shape, dtype, gen):
     assert_close(r[1], W.square().sum(0), torch.float64, rtol=1e-10)
 
 
-def test_noncontiguous_and_two_outputs_by_default(gen):
+def test_noncontiguous_and_two_outputs_by_default(gen, target):
     x = noncontiguous(torch.randn(6, 3, 8, generator=gen))
     gy = noncontiguous(torch.randn(6, 3, 4, generator=gen))
-    out = mf.linear_moments(x, gy)
+    out = mf.linear_moments(noncontiguous(target(x)), noncontiguous(target(gy)), backend=target.backend)
     assert len(out) == 2
     r = reference.linear_moments(x.double(), gy.double())
     assert_close(out[0], r[0], torch.float32, rtol=1e-5)
     assert_close(out[1], r[1], torch.float32, rtol=1e-5)
 
 
-def test_mixed_autocast_dtypes(gen):
+def test_mixed_autocast_dtypes(gen, target):
     x = torch.randn(5, 6, generator=gen)
     gy = torch.randn(5, 3, generator=gen).bfloat16()
-    S1, S2 = mf.linear_moments(x, gy)
+    S1, S2 = mf.linear_moments(target(x), target(gy), backend=target.backend)
     r = reference.linear_moments(x.double(), gy.double())
     assert S1.dtype == torch.float32
     assert_close(S2, r[1], torch.float32, rtol=1e-5)

@@ -12,9 +12,10 @@ def acc(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("M,K,D", [(2, 2, 1), (3, 5, 7), (16, 5, 4099), (2, 64, 4099), (3, 2, 1 << 20)])
-def test_moments_matches_reference(M, K, D, dtype, gen):
+def test_moments_matches_reference(M, K, D, dtype, gen, target):
+    target.skip_unless("moments")
     G = gradient_samples(M, K, D, dtype, gen)
-    S1, S2 = mf.moments(G)
+    S1, S2 = mf.moments(target(G), backend=target.backend)
     r1, r2 = reference.moments(G.double())
     assert S1.dtype == S2.dtype == acc(dtype)
     rtol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -23,9 +24,10 @@ def test_moments_matches_reference(M, K, D, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_moments_noncontiguous(dtype, gen):
+def test_moments_noncontiguous(dtype, gen, target):
+    target.skip_unless("moments")
     G = noncontiguous(gradient_samples(3, 5, 4099, dtype, gen))
-    S1, S2 = mf.moments(G)
+    S1, S2 = mf.moments(noncontiguous(target(G)), backend=target.backend)
     r1, r2 = reference.moments(G.double())
     assert_close(S1, r1, acc(dtype), rtol=1e-5 if dtype != torch.float64 else 1e-12)
     assert_close(S2, r2, acc(dtype), rtol=1e-5 if dtype != torch.float64 else 1e-12)
@@ -33,13 +35,15 @@ def test_moments_noncontiguous(dtype, gen):
 
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_accumulate_equals_moments(dtype, bank_dtype, gen):
+def test_accumulate_equals_moments(dtype, bank_dtype, gen, target):
+    target.skip_unless("moments_accumulate_")
     M, K, D = 3, 4, 4099
     G = gradient_samples(M, K, D, dtype, gen)
-    S1 = torch.zeros(M, D, dtype=bank_dtype)
-    S2 = torch.zeros(M, D, dtype=bank_dtype)
+    S1 = target(torch.zeros(M, D, dtype=bank_dtype))
+    S2 = target(torch.zeros(M, D, dtype=bank_dtype))
     for k in range(K):
-        mf.moments_accumulate_(S1, S2, noncontiguous(G[:, k]) if k % 2 else G[:, k])
+        g = target(G[:, k])
+        mf.moments_accumulate_(S1, S2, noncontiguous(g) if k % 2 else g, backend=target.backend)
     r1, r2 = reference.moments(G.double())
     rtol = 1e-12 if dtype == bank_dtype == torch.float64 else 1e-5
     assert_close(S1, r1, bank_dtype, rtol=rtol)

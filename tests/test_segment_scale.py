@@ -9,23 +9,27 @@ from conftest import DTYPE_IDS, DTYPES, RTOL, assert_close
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("D,offsets", [(1, [0, 1]), (7, [0, 0, 3, 7]), (4099, [0, 1000, 1000, 4099]),
                                        (1 << 20, [0, 5, 70_000, 1 << 20])])
-def test_scale_matches_reference(D, offsets, dtype, gen):
+def test_scale_matches_reference(D, offsets, dtype, gen, target):
+    target.skip_unless("segment_scale_")
     x = torch.randn(D, generator=gen).to(dtype)
     scale = torch.rand(len(offsets) - 1, generator=gen) + 0.25
     expected = reference.segment_scale_(x.double().clone(), torch.tensor(offsets), scale.double())
-    y = x.clone()
-    assert mf.segment_scale_(y, offsets, scale) is y
+    y = target(x.clone())
+    assert mf.segment_scale_(y, offsets, target(scale), backend=target.backend) is y
     assert_close(y, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_noise_matches_reference_draw(dtype):
+def test_noise_matches_reference_draw(dtype, target):
+    target.skip_unless("segment_scale_")
     D, offsets = 4099, [0, 100, 100, 4099]
-    x = torch.randn(D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = target(torch.randn(D, generator=torch.Generator().manual_seed(1)).to(dtype))
     scale, std = [0.5, 1.0, 2.0], [0.1, 3.0, 0.01]
-    y = mf.segment_scale_(x.clone(), offsets, scale, noise_std=std, generator=torch.Generator().manual_seed(7))
-    z = mf.segment_scale_(x.clone(), offsets, scale, noise_std=std, generator=torch.Generator().manual_seed(7),
-                          backend="reference")
+    y = mf.segment_scale_(x.clone(), offsets, scale, noise_std=std,
+                          generator=torch.Generator(x.device).manual_seed(7), backend=target.backend)
+    z = mf.segment_scale_(x.clone(), offsets, scale, noise_std=std,
+                          generator=torch.Generator(x.device).manual_seed(7), backend="reference")
+    y, z, x = y.cpu(), z.cpu(), x.cpu()
     assert torch.equal(y, z) if dtype != torch.float16 else torch.allclose(y, z, rtol=1e-3, atol=1e-3)
     noise = (y.double() - x.double() * torch.tensor([0.5] * 100 + [2.0] * 3999, dtype=torch.float64))
     assert abs(noise[100:].std().item() / 0.01 - 1) < 0.1 or dtype in (torch.float16, torch.bfloat16)
