@@ -33,7 +33,7 @@ DType dtype_code(at::ScalarType t, const char* op) {
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
 void check(int err) { C10_CUDA_CHECK(static_cast<cudaError_t>(err)); }
 

@@ -59,8 +59,8 @@ def available_backends() -> list[str]:
     out = []
     if _cuda_built() and torch.cuda.is_available():
         out.append("cuda")
-    if triton_backend.runs_on(torch.device("cuda")) and torch.cuda.is_available() or \
-            triton_backend.runs_on(torch.device("cpu")):
+    gpu_triton = torch.cuda.is_available() and triton_backend.runs_on(torch.device("cuda"))
+    if gpu_triton or triton_backend.runs_on(torch.device("cpu")):
         out.append("triton")
     return out + (["cpu"] if _C is not None else []) + ["reference"]
 

@@ -104,11 +104,9 @@ def finish(name: str, modalities: dict[str, np.ndarray], labels: np.ndarray, *, 
     out = {}
     for m, x in modalities.items():
         x = np.asarray(x, dtype=np.float64)
-        mean = x[train].mean(0, keepdims=True)
-        std = x[train].std(0, keepdims=True)
-        if x.ndim == 3:  # time series [N, channels, steps]: one statistic per channel
-            mean = x[train].mean((0, 2), keepdims=True)
-            std = x[train].std((0, 2), keepdims=True)
+        axes = (0, 2) if x.ndim == 3 else (0,)  # time series [N, channels, steps]: one statistic per channel
+        mean = x[train].mean(axes, keepdims=True)
+        std = x[train].std(axes, keepdims=True)
         std[std < 1e-8] = 1.0  # constant features stay constant (0) instead of dividing by zero
         out[m] = ((x - mean) / std).astype(np.float32)
     return Dataset(name, out, labels.astype(np.int64), train, test, classes, source)
