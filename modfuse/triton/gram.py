@@ -29,7 +29,7 @@ def _gram_kernel(X_ptr, partial_ptr, R, D, tiles, RP: tl.constexpr, BLOCK_D: tl.
         d = t * BLOCK_D + cols
         mask = (rows[:, None] < R) & (d[None, :] < D)
         x = tl.load(X_ptr + rows[:, None].to(tl.int64) * D + d[None, :], mask=mask, other=0.0).to(ACC)
-        acc += tl.dot(x, tl.trans(x), input_precision="ieee")
+        acc = tl.dot(x, tl.trans(x), acc, input_precision="ieee")  # acc given: result in ACC (float64 too)
     base = partial_ptr + pid.to(tl.int64) * RP * RP
     tl.store(base + rows[:, None] * RP + rows[None, :], acc)
 

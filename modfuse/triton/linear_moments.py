@@ -40,8 +40,9 @@ def _moments_t1_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, I, O,
         x = tl.load(x_ptr + n[:, None] * I + i[None, :], mask=(n[:, None] < N) & (i[None, :] < I),
                     other=0.0).to(ACC)                                   # [BLOCK_N, BLOCK_I]
         gt = tl.trans(g)
-        s1 += tl.dot(gt, x, input_precision="ieee")
-        s2 += tl.dot(gt * gt, x * x, input_precision="ieee")
+        # the accumulator is passed in, so the products come out in ACC (tl.dot alone gives float32)
+        s1 = tl.dot(gt, x, s1, input_precision="ieee")
+        s2 = tl.dot(gt * gt, x * x, s2, input_precision="ieee")
         b1 += tl.sum(g, axis=0)
         b2 += tl.sum(g * g, axis=0)
     mask = (o[:, None] < O) & (i[None, :] < I)
@@ -74,7 +75,7 @@ def _moments_seq_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, T, I, 
                         other=0.0).to(ACC)                               # [BLOCK_T, BLOCK_O]
             x = tl.load(x_ptr + row[:, None] * I + i[None, :], mask=(t[:, None] < T) & (i[None, :] < I),
                         other=0.0).to(ACC)                               # [BLOCK_T, BLOCK_I]
-            w += tl.dot(tl.trans(g), x, input_precision="ieee")
+            w = tl.dot(tl.trans(g), x, w, input_precision="ieee")
             bn += tl.sum(g, axis=0)
         s1 += w
         s2 += w * w
