@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -50,8 +51,13 @@ struct Pieces {
 Pieces pieces_for(const at::Tensor& offsets, int64_t D, const at::Tensor& like, const char* op) {
   // offsets live on the host (modfuse.ops passes them there); a device tensor would cost a sync here
   const at::Tensor off = cpu::checked_offsets(offsets.to(at::kCPU), D, op);
-  std::vector<int64_t> table, first;
-  build_pieces(off.const_data_ptr<int64_t>(), off.size(0) - 1, kPieceChunk, table, first);
+  const int64_t P = off.size(0) - 1;
+  std::vector<int64_t> table, first(P + 1, 0);
+  for (const cpu::SegmentBlock& b : cpu::segment_blocks(off.const_data_ptr<int64_t>(), P, kPieceChunk)) {
+    table.insert(table.end(), {b.segment, b.begin, b.end});
+    first[b.segment + 1] = static_cast<int64_t>(table.size() / 3);  // pieces up to and including segment p
+  }
+  for (int64_t p = 0; p < P; ++p) first[p + 1] = std::max(first[p + 1], first[p]);  // empty segments: no pieces
   const auto opts = at::TensorOptions().dtype(at::kLong);
   const int64_t W = static_cast<int64_t>(table.size() / 3);
   at::Tensor t = at::from_blob(table.data(), {static_cast<int64_t>(table.size())}, opts).to(like.device());

@@ -7,6 +7,7 @@
 
 #include <tuple>
 
+#include "calibrated_opinion.h"
 #include "cpu/common.h"
 
 namespace modfuse::cpu {
@@ -17,28 +18,7 @@ constexpr int64_t kSamplesChunk = 1024;  // samples form: K * kSamplesChunk valu
 constexpr int64_t kMaxModalities = 16;     // SPEC: M <= 16; per-modality accumulators live on the stack
 
 template <typename A>
-struct Params {
-  A kappa, eps, evidence_max;
-};
-
-// SPEC steps 2-3 with a single division. With A = n mu^2 and B = v + eps, t2 = A / B, so
-// e = clamp(t2 - 1, 0, emax) = clamp(A - B, 0, emax * B) / B, b = e / (e + kappa) = en / (en + kappa * B) and
-// u = kappa * B / (en + kappa * B). X is one value or one vector tile; comparisons are ordered so that NaN
-// passes through (as torch.clamp does).
-template <typename X, typename A>
-inline void opinion(X mu, X ssd, A n, A inv_nm1, const Params<A>& p, X& b, X& u, X& en) {
-  const X zero = X{};
-  ssd = ssd < zero ? zero : ssd;  // rounding can make S2 - n mu^2 slightly negative
-  const X B = ssd * inv_nm1 + p.eps;
-  en = n * mu * mu - B;
-  en = en < zero ? zero : en;
-  const X cap = p.evidence_max * B;
-  en = en > cap ? cap : en;
-  const X kB = p.kappa * B;
-  const X r = A(1) / (en + kB);
-  b = en * r;
-  u = kB * r;
-}
+using Params = OpinionParams<A>;
 
 // Running per-modality stats of one chunk: (sum mu^2, sum (b mu)^2, sum b, count of e = 0).
 template <typename X>

@@ -6,6 +6,7 @@
 // order in float64. The grid size depends only on D, so the stats repeat bit for bit.
 #include <type_traits>
 
+#include "calibrated_opinion.h"
 #include "cuda/common.cuh"
 
 namespace modfuse::cuda {
@@ -15,27 +16,9 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;  // partials: at most 1024 * M * 4 values
 constexpr int kMaxModalities = 16;
 
+// SPEC steps 2-3: the single-division opinion shared with the CPU kernel (csrc/calibrated_opinion.h).
 template <typename A>
-struct Params {
-  A kappa, eps, evidence_max;
-};
-
-// SPEC steps 2-3 with one division, exactly as the CPU kernel (csrc/cpu/calibrated_aggregate.cpp): with
-// B = v + eps, t2 = n mu^2 / B, e = clamp(n mu^2 - B, 0, emax * B) / B, b = en / (en + kappa B),
-// u = kappa B / (en + kappa B). Comparisons are ordered so NaN passes through, as torch.clamp does.
-template <typename A>
-__device__ __forceinline__ void opinion(A mu, A ssd, A n, A inv_nm1, const Params<A>& p, A& b, A& u, A& en) {
-  ssd = ssd < A(0) ? A(0) : ssd;  // rounding can make S2 - n mu^2 slightly negative
-  const A B = ssd * inv_nm1 + p.eps;
-  en = n * mu * mu - B;
-  en = en < A(0) ? A(0) : en;
-  const A cap = p.evidence_max * B;
-  en = en > cap ? cap : en;
-  const A kB = p.kappa * B;
-  const A r = A(1) / (en + kB);
-  b = en * r;
-  u = kB * r;
-}
+using Params = OpinionParams<A>;
 
 template <typename A, int MAXM>
 struct Stats {

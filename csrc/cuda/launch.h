@@ -9,7 +9,6 @@
 // Indexing is 64-bit throughout.
 #pragma once
 #include <cstdint>
-#include <vector>
 
 namespace modfuse::cuda {
 
@@ -17,26 +16,13 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, f64 = 3 };
 
 inline int64_t acc_bytes(DType t) { return t == DType::f64 ? 8 : 4; }
 
-// Segments cut into pieces of at most `chunk` elements, so one block reduces one piece and big segments spread
-// over many blocks. Built on the host from host offsets[P + 1]: pieces holds (segment, begin, end) triples and
-// first[p] is the first piece of segment p (first[P] = number of pieces). An empty segment has no piece.
-inline void build_pieces(const int64_t* offsets, int64_t P, int64_t chunk, std::vector<int64_t>& pieces,
-                         std::vector<int64_t>& first) {
-  pieces.clear();
-  first.assign(P + 1, 0);
-  for (int64_t p = 0; p < P; ++p) {
-    first[p] = static_cast<int64_t>(pieces.size() / 3);
-    for (int64_t b = offsets[p]; b < offsets[p + 1]; b += chunk) {
-      const int64_t e = b + chunk < offsets[p + 1] ? b + chunk : offsets[p + 1];
-      pieces.insert(pieces.end(), {p, b, e});
-    }
-  }
-  first[P] = static_cast<int64_t>(pieces.size() / 3);
-}
+// Segment ops cut each segment into pieces of at most kPieceChunk elements (one block each; the host builds the
+// (segment, begin, end) table with cpu::segment_blocks), so big segments spread over many blocks. pieces is that
+// table [W, 3] on the device; first[p] is the first piece of segment p (first[P] = W). An empty segment has none.
 constexpr int64_t kPieceChunk = 16384;  // elements per piece (64 KB of float32)
 
-// Op 1: out[R, P] (acc) = sum of x[r, d]^2 over segment p. pieces [W, 3] and first [P + 1] from build_pieces,
-// on the device; workspace holds R * W acc values.
+// Op 1: out[R, P] (acc) = sum of x[r, d]^2 over segment p, over the pieces [W, 3] and first [P + 1] above;
+// workspace holds R * W acc values.
 int segment_sq_norms(const void* x, DType t, int64_t R, int64_t D, const int64_t* pieces, int64_t W,
                      const int64_t* first, int64_t P, void* out, void* workspace, void* stream);
 
@@ -63,7 +49,7 @@ int gram(const void* X, DType t, int64_t R, int64_t D, void* out, void* workspac
 // Op 6: out [D] in t = sum_r w_r X_r; w is [R] (acc, per_element = false) or [R, D] (t, per_element = true).
 int weighted_sum(const void* X, const void* w, bool per_element, DType t, int64_t R, int64_t D, void* out,
                  void* stream);
-// x [D] in t, in place: x = x * scale[p] (+ noise[d] * noise_std[p]) over the pieces of build_pieces; scale,
+// x [D] in t, in place: x = x * scale[p] (+ noise[d] * noise_std[p]) over the pieces above; scale,
 // noise_std [P] and noise [D] in acc; noise and noise_std may both be nullptr.
 int segment_scale(void* x, DType t, const int64_t* pieces, int64_t W, const void* scale, const void* noise,
                   const void* noise_std, void* stream);

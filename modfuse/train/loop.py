@@ -294,25 +294,22 @@ def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, ove
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, epochs: int) -> None:
-    """Keep the metrics of the first `epochs` epochs (those the checkpoint covers)."""
-    if not path.exists():
-        return
-    keep = [r for r in read_metrics_tolerant(path) if r["epoch"] <= epochs]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
-
-def read_metrics_tolerant(path: Path) -> list[dict]:
-    """metrics.jsonl lines, skipping a last line cut short by a kill."""
+    """metrics.jsonl records, skipping a last line cut short by a kill."""
     out = []
+    if not path.exists():
+        return out
     for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
         try:
             out.append(json.loads(line))
         except ValueError:
             break
     return out
+
+
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    """Keep the metrics of the first `epochs` epochs (those the checkpoint covers)."""
+    if path.exists():
+        keep = [r for r in read_metrics(path) if r["epoch"] <= epochs]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))

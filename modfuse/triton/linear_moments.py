@@ -23,6 +23,18 @@ BLOCK_T = 16
 
 
 @triton.jit
+def _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O):
+    """Write a program's [BLOCK_O, BLOCK_I] tile of S1 and S2; the first I-tile column also writes the bias moments."""
+    mask = (o[:, None] < O) & (i[None, :] < I)
+    offs = o[:, None].to(tl.int64) * I + i[None, :]
+    tl.store(S1_ptr + offs, s1, mask=mask)
+    tl.store(S2_ptr + offs, s2, mask=mask)
+    if pi == 0:
+        tl.store(B1_ptr + o, b1, mask=o < O)
+        tl.store(B2_ptr + o, b2, mask=o < O)
+
+
+@triton.jit
 def _moments_t1_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, I, O,
                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     po = tl.program_id(0)
@@ -45,13 +57,7 @@ def _moments_t1_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, I, O,
         s2 = tl.dot(gt * gt, x * x, s2, input_precision="ieee")
         b1 += tl.sum(g, axis=0)
         b2 += tl.sum(g * g, axis=0)
-    mask = (o[:, None] < O) & (i[None, :] < I)
-    offs = o[:, None].to(tl.int64) * I + i[None, :]
-    tl.store(S1_ptr + offs, s1, mask=mask)
-    tl.store(S2_ptr + offs, s2, mask=mask)
-    if pi == 0:
-        tl.store(B1_ptr + o, b1, mask=o < O)
-        tl.store(B2_ptr + o, b2, mask=o < O)
+    _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O)
 
 
 @triton.jit
@@ -81,13 +87,7 @@ def _moments_seq_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, T, I, 
         s2 += w * w
         b1 += bn
         b2 += bn * bn
-    mask = (o[:, None] < O) & (i[None, :] < I)
-    offs = o[:, None].to(tl.int64) * I + i[None, :]
-    tl.store(S1_ptr + offs, s1, mask=mask)
-    tl.store(S2_ptr + offs, s2, mask=mask)
-    if pi == 0:
-        tl.store(B1_ptr + o, b1, mask=o < O)
-        tl.store(B2_ptr + o, b2, mask=o < O)
+    _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O)
 
 
 @triton_op("modfuse_triton::linear_moments", mutates_args=())
