@@ -61,16 +61,21 @@ def _named(names: dict[int, str], what, group: str) -> list[tuple[str, torch.nn.
 def _find_ddp(module: torch.nn.Module):
     """The DistributedDataParallel that wraps `module`, if any (the user may hand us `ddp.module`).
 
-    DDP keeps no back-reference, so look at who holds the module: its `_modules` dict, held by the DDP object.
+    DDP keeps no back-reference, so walk up who holds the module (its `_modules` dict, that dict's owner, ...)
+    a few levels, once, at construction.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
-    for holder in gc.get_referrers(module):
-        if isinstance(holder, DDP) and holder.module is module:
-            return holder
-        if isinstance(holder, dict):
-            for owner in gc.get_referrers(holder):
-                if isinstance(owner, DDP) and owner.module is module:
-                    return owner
+    level, seen = [module], {id(module)}
+    for _ in range(3):
+        up = []
+        for obj in level:
+            for holder in gc.get_referrers(obj):
+                if isinstance(holder, DDP) and holder.module is module:
+                    return holder
+                if isinstance(holder, dict) and id(holder) not in seen:
+                    seen.add(id(holder))
+                    up.append(holder)
+        level = up
     return None
 
 
@@ -197,7 +202,7 @@ class Groups:
     def agree(self, failed: bool, nonfinite: bool, batch: int, rows: Sequence[int]) -> Agreement:
         """One tiny all-reduce: did any rank fail or see a non-finite loss, the batch sizes, the objective rows
         present per rank. Sets this rank's weight N_r / N."""
-        if not distributed():
+        if not distributed() or not self.synced:   # inside no_sync(): local decisions, no collective
             return Agreement([0] if failed else [], nonfinite, float(batch), [float(r) for r in rows],
                              [int(r > 0) for r in rows])
         W = self.world
