@@ -26,13 +26,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from modfuse import methods as _methods
-from modfuse.methods import Step
 from modfuse.groups import Groups, NonFiniteGradient, distributed
+from modfuse.methods import Step
 
 ON_NONFINITE = ("skip", "raise")
 
@@ -223,7 +223,7 @@ class Balancer:
         self.method.close()
         self.groups.close()
 
-    def __enter__(self) -> "Balancer":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

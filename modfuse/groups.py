@@ -20,8 +20,8 @@ one tiny all-reduce before any gradient collective, so that every rank skips or 
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -231,7 +231,7 @@ class Groups:
         by_kind: dict[tuple, list] = {}
         for t, w in items:
             by_kind.setdefault((t.device, t.dtype), []).append((t, w))
-        for (device, dtype), group in by_kind.items():
+        for group in by_kind.values():
             flat = torch.cat([(t.reshape(-1) * self.weight) if w else t.reshape(-1) for t, w in group])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             start = 0

@@ -23,9 +23,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _models import SharedHeadNet, batch, losses
 
 import modfuse
-from _models import SharedHeadNet, batch, losses
 
 DIMS = {"a": 5, "b": 7}
 N = 24
@@ -120,7 +120,7 @@ def scenarios(rank, world, out):
     def run(name, fn):
         try:
             out[name] = fn()
-        except Exception as e:  # recorded, compared by the parent
+        except Exception as e:  # noqa: BLE001  (recorded, compared by the parent)
             out[name] = ("error", type(e).__name__, str(e), traceback.format_exc()[-800:])
 
     def balancer(model, net, case, **extra):
@@ -140,8 +140,8 @@ def scenarios(rank, world, out):
         run(f"plain/{case}", plain)
 
     # DDP, with and without gradient_as_bucket_view; the Balancer given the DDP module or its .module
-    from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
     for view in (False, True):
         for case in LINEAR + PER_RANK:
             for given in (("ddp", "module") if case == "calibrated-per_sample" else ("ddp",)):
@@ -236,9 +236,8 @@ def scenarios(rank, world, out):
     def no_sync():
         net = make_net()
         b = balancer(net, net, "none")
-        with CollectiveCounter() as inside:
-            with b.no_sync():
-                assert b.backward(**losses(net, *local(rank, world, seed=1)))
+        with CollectiveCounter() as inside, b.no_sync():
+            assert b.backward(**losses(net, *local(rank, world, seed=1)))
         with CollectiveCounter() as after:
             assert b.backward(**losses(net, *local(rank, world, seed=2)))
         return (snapshot(net)[0], inside.count, after.count)
@@ -260,7 +259,7 @@ def scenarios(rank, world, out):
     for replicas in ("check", "broadcast"):
         def replica(replicas=replicas):
             net = make_net(seed=rank)
-            b = balancer(net, net, "none", replicas=replicas)
+            balancer(net, net, "none", replicas=replicas)
             return snapshot(net)[1]
         run(f"replicas/{replicas}", replica)
 
@@ -321,7 +320,7 @@ def same_on_every_rank(results, name):
 
 @pytest.mark.parametrize("case", LINEAR)
 def test_plain_process_group_equals_one_process(job, single, case):
-    world, results = job
+    _, results = job
     for rank, res in enumerate(results):
         grads, params, collectives = ok(res[f"plain/{case}"], case)
         close(grads, single[case][0], f"rank {rank} .grad")
@@ -339,7 +338,7 @@ def test_per_rank_methods_agree_across_ranks(job, case):
 @pytest.mark.parametrize("case", LINEAR + PER_RANK)
 def test_ddp(job, single, case, view):
     """DDP's reducer never runs (so no gradient is all-reduced twice) and the result is one process's."""
-    world, results = job
+    _, results = job
     givens = ("ddp", "module") if case == "calibrated-per_sample" else ("ddp",)
     for given in givens:
         name = f"ddp-view={view}-{given}/{case}"
@@ -362,7 +361,7 @@ def test_fsdp2(job, single, case):
     method = method_of(case, world)[0]
     if method in ("calibrated", "ogm_ge", "greedy", "mmpareto"):
         for res in results:
-            kind, etype, message, _ = res[name]
+            _, etype, message, _ = res[name]
             assert etype == "ValueError" and method in message and "FSDP2" in message, message
         return
     for rank, res in enumerate(results):
@@ -376,7 +375,7 @@ def test_fsdp2(job, single, case):
 
 @pytest.mark.parametrize("case", ["none", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2"])
 def test_ragged_batches_weight_every_sample_equally(job, single, case):
-    world, results = job
+    _, results = job
     for rank, res in enumerate(results):
         grads, params = ok(res[f"ragged/{case}"], case)
         close(grads, single[case][0], f"ragged rank {rank} .grad")
@@ -384,7 +383,7 @@ def test_ragged_batches_weight_every_sample_equally(job, single, case):
 
 
 def test_nan_on_one_rank_is_skipped_or_raised_by_every_rank(job):
-    world, results = job
+    _, results = job
     for res in results:
         okay, skipped, grads = ok(res["nan/skip"], "nan/skip")
         assert okay is False and skipped == 1 and all(g is None for g in grads)
@@ -421,7 +420,7 @@ def test_batch_too_small_raises_on_every_rank(job):
 @pytest.mark.parametrize("case", LINEAR)
 def test_accumulation_over_two_micro_steps(job, case):
     """Each call synced: the sum of two steps, each equal to one process on that step's concatenated batch."""
-    world, results = job
+    _, results = job
     method, options = method_of(case, 1)
     if case == "calibrated-microbatch":
         options = {"microbatches": K_TOTAL}
@@ -435,7 +434,7 @@ def test_accumulation_over_two_micro_steps(job, case):
 
 
 def test_no_sync_accumulates_locally_and_syncs_once(job):
-    world, results = job
+    _, results = job
     net = make_net()
     for seed in (1, 2):
         kw = losses(net, *data(seed))
@@ -449,7 +448,7 @@ def test_no_sync_accumulates_locally_and_syncs_once(job):
 
 @pytest.mark.parametrize("case", ["none", "calibrated-microbatch", "ogm_ge"])
 def test_autocast_bf16(job, case):
-    world, results = job
+    _, results = job
     first = ok(results[0][f"bf16/{case}"], case)
     for r, res in enumerate(results[1:], 1):
         close(ok(res[f"bf16/{case}"], case), first, f"bf16 {case}: rank {r} vs rank 0", rtol=0, atol=0)
@@ -457,9 +456,9 @@ def test_autocast_bf16(job, case):
 
 
 def test_replicas_checked_or_broadcast(job):
-    world, results = job
+    _, results = job
     for res in results:
-        kind, etype, message, _ = res["replicas/check"]
+        _, etype, message, _ = res["replicas/check"]
         assert etype == "ValueError" and "differ between ranks" in message, message
     rank0 = ok(results[0]["replicas/broadcast"], "broadcast")
     for res in results[1:]:

@@ -12,8 +12,9 @@ flat banks, collectives) only; they never see the Balancer. `create(name, groups
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -61,10 +62,10 @@ class Step:
         return 1
 
 
-_REGISTRY: dict[str, type["Method"]] = {}
+_REGISTRY: dict[str, type[Method]] = {}
 
 
-def register(cls: type["Method"]) -> type["Method"]:
+def register(cls: type[Method]) -> type[Method]:
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -84,7 +85,7 @@ class Method:
     #: False when the method cannot run under FSDP2 (it needs several backwards or whole-group gradients).
     fsdp2 = True
 
-    def __init__(self, groups: "Groups"):
+    def __init__(self, groups: Groups):
         self.groups = groups
         if groups.fsdp and not self.fsdp2:
             raise ValueError(f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
@@ -127,7 +128,7 @@ class Method:
         """Remove whatever the method attached to the model (hooks)."""
 
 
-def reduce_encoder_banks(groups: "Groups", total: torch.Tensor, rows: int = 1, summed=()):
+def reduce_encoder_banks(groups: Groups, total: torch.Tensor, rows: int = 1, summed=()):
     """Plain backward with every encoder's gradients in flat banks (row 0 = `.grad`), then one packed
     collective for the banks, every other gradient and `summed`; unreached parameters end with `.grad = None`."""
     banks, reached = groups.backward_into_banks(total, rows)
@@ -147,7 +148,7 @@ def reduce_encoder_banks(groups: "Groups", total: torch.Tensor, rows: int = 1, s
     return banks
 
 
-def create(name: str, groups: "Groups", **options) -> Method:
+def create(name: str, groups: Groups, **options) -> Method:
     """Build the method registered as `name` with its options (each method documents its own)."""
     _load_all()
     if name not in _REGISTRY:
