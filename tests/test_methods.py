@@ -74,6 +74,27 @@ def test_ogm_ge_modulation_forms():
     assert smooth[0] > jump[0]  # the continuous form is much weaker at the same alpha
 
 
+def authors_ogm_coefficients(score_a, score_v, alpha):
+    """OGM-GE_CVPR2022 main.py, transcribed: (coeff_a, coeff_v) for the (audio, visual) scores."""
+    ratio_v = score_v / score_a
+    ratio_a = 1 / ratio_v
+    if ratio_v > 1:
+        return 1.0, 1 - math.tanh(alpha * max(ratio_v, 0.0))
+    return 1 - math.tanh(alpha * max(ratio_a, 0.0)), 1.0
+
+
+@pytest.mark.parametrize("scores", [(2.0, 2.0), (3.0, 1.0), (1.0, 3.0), (0.5, 0.5)])
+def test_ogm_ge_coefficients_match_the_official_code_including_a_tie(scores):
+    k = modulation(torch.tensor(scores, dtype=torch.float64), 0.8, continuous=False)
+    assert k.tolist() == pytest.approx(authors_ogm_coefficients(*scores, 0.8), rel=1e-12)
+
+
+def test_ogm_ge_tie_with_three_modalities_scales_the_first():
+    k = modulation(torch.full((3,), 1.7, dtype=torch.float64), 0.8, continuous=False)
+    assert k.tolist() == pytest.approx([1 - math.tanh(0.8), 1.0, 1.0])
+    assert modulation(torch.full((3,), 1.7, dtype=torch.float64), 0.8, continuous=True).tolist() == [1.0] * 3
+
+
 def test_concat_head_unimodal_logits_split_the_head():
     head = torch.nn.Linear(5, 3).double()
     h = {"a": torch.randn(4, 2, dtype=torch.float64), "b": torch.randn(4, 3, dtype=torch.float64)}
@@ -114,33 +135,103 @@ def test_greedy_speeds_and_hold():
 
 
 # mmpareto -------------------------------------------------------------------------------------------------------
-def test_mmpareto_matches_the_formula():
-    net, xs, y = setup(2)
-    kw = losses(net, xs, y)
+def authors_min_norm_weight(v1v1, v1v2, v2v2):
+    """MMPareto's MinNormSolver._min_norm_element_from2 (GeWu-Lab/MMPareto_ICML2024), transcribed."""
+    if v1v2 >= v1v1:
+        return 0.999
+    if v1v2 >= v2v2:
+        return 0.001
+    return -1.0 * ((v1v2 - v2v2) / (v1v1 + v2v2 - 2 * v1v2))
+
+
+def authors_mmpareto(net, kw, rescale="tensor", gamma=1.5):
+    """The authors' MMPareto.py step, transcribed for any number of encoders: per encoder the weights from the
+    concatenated gradients, per tensor the rescale by the norm of the summed (fused + unimodal) gradient."""
     fused = kw["fused"].mean()
-    expected = {}
-    conflicts = 0
+    total = fused + sum(v.mean() for v in kw["unimodal"].values())
+    expected, conflicts = {}, 0
     for m in DIMS:
         params = list(net.enc[m].parameters())
-        g_mm = torch.cat([g.reshape(-1) for g in autograd_grads(fused, params)])
-        g_m = torch.cat([g.reshape(-1) for g in autograd_grads(kw["unimodal"][m].mean(), params)])
-        cos = F.cosine_similarity(g_mm, g_m, dim=0)
-        if cos > 0:
-            w_mm = 0.5
+        g_mm = autograd_grads(fused, params)
+        g_m = autograd_grads(kw["unimodal"][m].mean(), params)
+        g_three = autograd_grads(total, params)
+        flat_mm = torch.cat([g.reshape(-1) for g in g_mm])
+        flat_m = torch.cat([g.reshape(-1) for g in g_m])
+        if F.cosine_similarity(flat_mm, flat_m, dim=0) > 0:
+            k = (0.5, 0.5)
         else:
             conflicts += 1
-            w_mm = float(torch.clamp((g_m - g_mm) @ g_m / (g_mm - g_m).square().sum(), 0, 1))
-        g = 2 * (w_mm * g_mm + (1 - w_mm) * g_m)
-        g = g * max(1.0, float((g_mm + g_m).norm() / g.norm())) * 1.5
-        expected[m] = g
-    total = fused + sum(v.mean() for v in kw["unimodal"].values())
-    plain_head = autograd_grads(total, [net.head.weight])[0]
-    b = balancer_for(net, "mmpareto")
+            c = authors_min_norm_weight(float(flat_mm @ flat_mm), float(flat_mm @ flat_m), float(flat_m @ flat_m))
+            k = (c, 1 - c)
+        new = [2 * k[0] * a + 2 * k[1] * b for a, b in zip(g_mm, g_m)]
+        if rescale == "tensor":
+            out = []
+            for g, three in zip(new, g_three):
+                diff = three.norm() / g.norm()
+                out.append(diff * g * gamma if diff > 1 else g * gamma)
+        else:  # modfuse's per-encoder option: one factor from the norms over the whole encoder
+            flat_new = torch.cat([g.reshape(-1) for g in new])
+            diff = float((flat_mm + flat_m).norm() / flat_new.norm())
+            out = [g * max(1.0, diff) * gamma for g in new]
+        expected[m] = torch.cat([g.reshape(-1) for g in out])
+    return expected, conflicts, autograd_grads(total, [net.head.weight])[0]
+
+
+@pytest.mark.parametrize("rescale", ["tensor", "encoder"])
+@pytest.mark.parametrize("seed", [2, 6])
+def test_mmpareto_matches_the_authors_code(rescale, seed):
+    net, xs, y = setup(seed)
+    kw = losses(net, xs, y)
+    expected, conflicts, plain_head = authors_mmpareto(net, kw, rescale)
+    b = balancer_for(net, "mmpareto", **({} if rescale == "tensor" else {"rescale": rescale}))
     assert b.backward(**kw)
     for m in DIMS:
         close(torch.cat([p.grad.reshape(-1) for p in net.enc[m].parameters()]), expected[m])
     close(net.head.weight.grad, plain_head)
     assert b.stats()["conflicts"] == conflicts
+
+
+def test_mmpareto_rescale_forms_differ_on_a_conflict():
+    """Per tensor and per encoder give different steps when the gradients conflict (else both rescale by 1)."""
+    for seed in range(20):
+        net, xs, y = setup(seed)
+        kw = losses(net, xs, y)
+        per_tensor, conflicts, _ = authors_mmpareto(net, kw, "tensor")
+        if conflicts:
+            per_encoder, _, _ = authors_mmpareto(net, kw, "encoder")
+            assert any(not torch.allclose(per_tensor[m], per_encoder[m]) for m in DIMS)
+            return
+    pytest.fail("no seed gave a conflicting step")
+
+
+@pytest.mark.parametrize("zero", ["unimodal", "fused"])
+@pytest.mark.parametrize("rescale", ["tensor", "encoder"])
+def test_mmpareto_with_an_exactly_zero_gradient_stays_finite(zero, rescale):
+    """A zero-initialised unimodal head (or a fused loss that does not depend on the encoders) gives an exactly
+    zero gradient: the authors' solver clips the weight to 0.001/0.999, so .grad is 1.5 x the other gradient in
+    float32 (the unclipped weight rescaled the zero vector by ~1e154 = inf in float32: NaN in .grad)."""
+    torch.manual_seed(0)
+    net = SharedHeadNet(DIMS)
+    xs, y = batch(DIMS, seed=0)
+    fused, uni = net(xs)
+    if zero == "fused":
+        fused = fused * 0  # exactly zero gradient on every encoder parameter, the graph still reaches them
+    else:
+        uni = {m: v * 0 for m, v in uni.items()}
+    kw = {"fused": F.cross_entropy(fused, y, reduction="none"),
+          "unimodal": {m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()}}
+    other = kw["unimodal"] if zero == "fused" else None
+    expected = {}
+    for m in DIMS:
+        params = list(net.enc[m].parameters())
+        loss = other[m].mean() if other is not None else kw["fused"].mean()
+        expected[m] = torch.cat([g.reshape(-1) for g in autograd_grads(loss, params)]) * 1.5
+    b = balancer_for(net, "mmpareto", rescale=rescale)
+    assert b.backward(**kw)
+    for m in DIMS:
+        got = torch.cat([p.grad.reshape(-1) for p in net.enc[m].parameters()])
+        assert bool(torch.isfinite(got).all()), (m, got)
+        torch.testing.assert_close(got, expected[m], rtol=1e-5, atol=1e-7)
 
 
 # utilization ----------------------------------------------------------------------------------------------------

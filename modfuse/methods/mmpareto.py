@@ -3,16 +3,26 @@
 Source: Wei and Hu, "MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance", ICML 2024
 (GeWu-Lab/MMPareto_ICML2024).
 
-Per encoder m (all its parameters flattened), with g_mm the gradient of the fused loss and g_m that of modality
-m's unimodal loss (separate backwards):
-    cos(g_mm, g_m) > 0:  w = (1/2, 1/2)
-    otherwise:           the two-objective min-norm weights, w_mm = clip(((g_m - g_mm) . g_m) / ||g_mm - g_m||^2, 0, 1),
-                         w_m = 1 - w_mm
-    g = 2 (w_mm g_mm + w_m g_m);  g <- g * max(1, ||g_mm + g_m|| / ||g||);  g <- gamma * g   (gamma = 1.5)
-Parameters outside the encoders (the shared head, the fusion layers) get the plain sum fused + unimodal.
-Needs unimodal losses for every modality.
-Fused ops: the two gradients are the rows of one [2, D] bank; Op 5 (gram) gives every dot product and norm
-above in one pass, and Op 6 (weighted_sum) writes g in one more, with all scalars folded into its two weights.
+Per encoder m, with g_mm the gradient of the fused loss and g_m that of modality m's unimodal loss (separate
+backwards), a = ||g_mm||^2, b = ||g_m||^2, ab = g_mm . g_m over all of the encoder's parameters:
+    cos(g_mm, g_m) > 0:  w_mm = 1/2
+    otherwise:           the authors' two-vector min-norm solver (MinNormSolver._min_norm_element_from2):
+                         w_mm = 0.999 if ab >= a;  0.001 if ab >= b;  (b - ab) / (a - 2 ab + b) otherwise
+    w_m = 1 - w_mm;  g = 2 (w_mm g_mm + w_m g_m)
+    rescale="tensor" (default, the authors' code): for every parameter tensor t,
+                         g_t <- gamma * g_t * max(1, ||g_mm,t + g_m,t|| / ||g_t||)   (factor 1 where ||g_t|| = 0)
+    rescale="encoder":   the same factor once per encoder, from the norms over all of its parameters
+gamma = 1.5. Parameters outside the encoders (the shared head, the fusion layers) get the plain sum fused +
+unimodal. Needs unimodal losses for every modality; works for any M (each encoder pairs the fused gradient with its
+own modality's gradient, which is what the two-modality code does per encoder).
+The solver's ends (0.001, 0.999) matter when one gradient is exactly zero (a zero-initialised unimodal head): the
+weight stays finite, where the unclipped formula would put the whole step on the zero gradient and then rescale
+it by ~1e154 (inf in float32; inf * 0 = NaN in `.grad`).
+Differences from the authors' code: none in the math on two modalities; their encoder selection is by parameter
+name ('audio'/'visual' in the name, 'head' excluded), here the encoders given to the Balancer.
+Fused ops: the two gradients are the rows of one [3, D] bank; Op 5 (gram) gives a, ab, b in one pass, Op 6
+(weighted_sum) writes g; for the per-tensor rescale row 2 holds g_mm + g_m, one Op 1 launch gives both per-tensor
+norms and one segment_scale_ applies the factors.
 """
 from __future__ import annotations
 
@@ -23,19 +33,26 @@ from modfuse import ops
 from modfuse.methods import Method, register
 
 
-def pareto_weights(G: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final weights [2] for (g_mm, g_m), cos) from the 2x2 Gram matrix of the two gradients (float64 math)."""
+def min_norm_weight(a: torch.Tensor, ab: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Weight of the first vector in min_w ||w x + (1 - w) y||, a = x.x, ab = x.y, b = y.y, as the authors' solver
+    (ends clipped to 0.001 and 0.999; the interior solution is then strictly inside (0, 1))."""
+    interior = (b - ab) / torch.clamp(a - 2 * ab + b, min=torch.finfo(a.dtype).tiny)
+    return torch.where(ab >= a, torch.full_like(a, 0.999), torch.where(ab >= b, torch.full_like(a, 0.001), interior))
+
+
+def pareto_weights(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [2] of g = w[0] g_mm + w[1] g_m before any rescale, cos) from the 2x2 Gram matrix (float64)."""
     G = G.double()
     a, ab, b = G[0, 0], G[0, 1], G[1, 1]
-    tiny = torch.finfo(torch.float64).tiny
-    cos = ab / torch.sqrt(torch.clamp(a * b, min=tiny))
-    w_mm = torch.clamp((b - ab) / torch.clamp(a - 2 * ab + b, min=tiny), 0, 1)
-    w_mm = torch.where(cos > 0, torch.full_like(w_mm, 0.5), w_mm)
-    w = torch.stack([w_mm, 1 - w_mm]) * 2
-    norm_g2 = w[0] ** 2 * a + 2 * w[0] * w[1] * ab + w[1] ** 2 * b
-    norm_sum2 = a + 2 * ab + b
-    rescale = torch.clamp(torch.sqrt(norm_sum2 / torch.clamp(norm_g2, min=tiny)), min=1)
-    return w * rescale * gamma, cos
+    cos = ab / torch.sqrt(torch.clamp(a * b, min=torch.finfo(torch.float64).tiny))
+    w_mm = torch.where(cos > 0, torch.full_like(a, 0.5), min_norm_weight(a, ab, b))
+    return torch.stack([w_mm, 1 - w_mm]) * 2, cos
+
+
+def rescale_factor(sum_sq: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
+    """max(1, ||g_mm + g_m|| / ||g||), and 1 where ||g|| = 0 (the authors' NaN comparison falls to that branch)."""
+    ratio = torch.sqrt(sum_sq / torch.where(g_sq > 0, g_sq, torch.ones_like(g_sq)))
+    return torch.where(g_sq > 0, torch.clamp(ratio, min=1), torch.ones_like(ratio))
 
 
 @register
@@ -46,9 +63,13 @@ class MMPareto(Method):
     plain_gradients = False
     fsdp2 = False
 
-    def __init__(self, groups, gamma: float = 1.5):
+    def __init__(self, groups, gamma: float = 1.5, rescale: str = "tensor"):
         super().__init__(groups)
         self.gamma = check.positive("gamma", gamma)
+        if rescale not in ("tensor", "encoder"):
+            raise ValueError(f"rescale must be 'tensor' (per parameter tensor, the authors' code) or 'encoder', "
+                             f"got {rescale!r}")
+        self.rescale = rescale
         self._cos: dict[str, float] | None = None
         self.conflicts = 0  # (encoder, step) pairs with cos <= 0 so far
 
@@ -62,7 +83,7 @@ class MMPareto(Method):
             for layout in layouts:
                 g_m = groups.grads(step.mean(step.unimodal[m]), layout.params)
                 g_mm = [by_param[id(p)] for p in layout.params]
-                X = layout.grad_rows(2)
+                X = layout.grad_rows(3)  # g_mm, g_m, and room for g_mm + g_m
                 layout.flatten_into(X[0], g_mm)
                 layout.flatten_into(X[1], g_m)
                 reached = torch.tensor([float(a is not None or b is not None) for a, b in zip(g_mm, g_m)],
@@ -72,17 +93,30 @@ class MMPareto(Method):
         others = [p for p in groups.trainable if id(p) not in encoder_ids]
         groups.backward(total, others)
         # one packed collective: both rows of every encoder bank and every other gradient
-        groups.reduce_grads_(others, weighted=[X for _, _, X, _ in banks], summed=[r for *_, r in banks])
+        groups.reduce_grads_(others, weighted=[X[:2] for _, _, X, _ in banks], summed=[r for *_, r in banks])
         cos = {}
         for m, layout, X, reached in banks:
-            w, c = pareto_weights(ops.gram(X.float() if X.dtype in (torch.float16, torch.bfloat16) else X),
-                                  self.gamma)
-            out = ops.weighted_sum(X, w)
+            pair = X[:2]
+            G = ops.gram(pair.float() if pair.dtype in (torch.float16, torch.bfloat16) else pair).double()
+            w, c = pareto_weights(G)
+            out = self._combine(X, layout.offsets, w, G)
             for p, view, f in zip(layout.params, layout.views(out), reached.tolist()):
                 p.grad = view if f > 0 else None
             cos[m] = c
         self._cos = {m: float(c) for m, c in cos.items()}
         self.conflicts += sum(1 for c in self._cos.values() if c <= 0)
+
+    def _combine(self, X, offsets, w, G):
+        """gamma * rescaled (w[0] X[0] + w[1] X[1]); X is the encoder's [3, D] bank (row 2 free), G its Gram."""
+        if self.rescale == "encoder":
+            a, ab, b = G[0, 0], G[0, 1], G[1, 1]
+            g_sq = w[0] ** 2 * a + 2 * w[0] * w[1] * ab + w[1] ** 2 * b
+            return ops.weighted_sum(X[:2], w * rescale_factor(a + 2 * ab + b, g_sq) * self.gamma)
+        torch.add(X[0], X[1], out=X[2])
+        X[1].copy_(ops.weighted_sum(X[:2], w))       # g; X[1] is no longer needed
+        sq = ops.segment_sq_norms(X[1:], offsets).double()   # [2, tensors]: ||g_t||^2, ||g_mm,t + g_m,t||^2
+        ops.segment_scale_(X[1], offsets, rescale_factor(sq[1], sq[0]) * self.gamma)
+        return X[1]
 
     def stats(self):
         if self._cos is None:

@@ -7,6 +7,8 @@ Per step, from the unimodal logits out_u (see `concat_head_unimodal_logits` for 
     s_u   = sum_i softmax(out_u)_i[y_i]                         (confidence in the true class over the batch)
     rho_u = s_u / mean_{j != u} s_j
     k_u   = 1 - tanh(alpha * rho_u) if rho_u > 1 else 1         (default: the paper's form, a jump at rho = 1)
+            at an exact tie (every rho_u = 1: all scores equal) the first modality gets 1 - tanh(alpha), as the
+            official code's else-branch scales its first modality (audio) when ratio_v = 1
     k_u   = 1 - tanh(alpha * relu(rho_u - 1))                    (continuous=True: much weaker at one alpha)
 Encoder u's gradients are scaled by k_u; with ge=True every modulated tensor of every encoder then gets
 N(0, std^2) noise, std = the standard deviation of that tensor's unscaled gradient (+1e-8), as the official code
@@ -49,11 +51,16 @@ def concat_head_unimodal_logits(head: torch.nn.Linear, features: dict[str, torch
 def modulation(scores: torch.Tensor, alpha: float, continuous: bool) -> torch.Tensor:
     """k_u from the per-modality scores s_u (SPEC.md ogm_ge)."""
     M = scores.numel()
-    rest = (scores.sum() - scores) / (M - 1)
+    # the others' mean summed directly (not total - own), so that a tie gives rho = 1 exactly, as s_v / s_a does
+    others = ~torch.eye(M, dtype=torch.bool, device=scores.device)
+    rest = torch.where(others, scores.expand(M, M), torch.zeros_like(scores).expand(M, M)).sum(1) / (M - 1)
     rho = scores / rest
     if continuous:
         return 1 - torch.tanh(alpha * torch.relu(rho - 1))
-    return torch.where(rho > 1, 1 - torch.tanh(alpha * rho), torch.ones_like(rho))
+    scaled = rho > 1
+    if not bool(scaled.any()):  # an exact tie: the official code's else-branch scales its first modality
+        scaled[0] = True
+    return torch.where(scaled, 1 - torch.tanh(alpha * rho), torch.ones_like(rho))
 
 
 @register
