@@ -134,6 +134,42 @@ def test_greedy_speeds_and_hold():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_greedy_authors_schedule_sums_from_the_start_and_checks_every_step_from_start_epoch():
+    """window_steps=1, cumulative=True, start_epoch=2, threshold=0.01: no hold in epochs 0 and 1 although the
+    speeds differ, then at the first step of epoch 2 the fastest encoder is held, judged on speeds summed over
+    every step so far (no optimizer step here, so each step adds the same speeds)."""
+    net, xs, y = setup(1)
+    fused, _ = net(xs)
+    loss = F.cross_entropy(fused, y)
+    single = []
+    for m in DIMS:
+        params = list(net.enc[m].parameters())
+        g = autograd_grads(loss, params)
+        single.append(sum(float(x.square().sum()) for x in g) / sum(float(p.detach().square().sum()) for p in params))
+    single = torch.tensor(single, dtype=torch.float64)
+    held = list(DIMS)[int(single.argmax())]
+    b = balancer_for(net, "greedy", window_steps=1, cumulative=True, start_epoch=2, threshold=0.01, hold_steps=1)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        fused, _ = net(xs)
+        assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"))
+
+    for _ in range(2):  # epochs 0 and 1: checks are gated off
+        for _ in range(2):
+            step()
+            assert all(p.grad is not None for p in net.parameters())
+        b.end_epoch()
+    step()  # epoch 2, first step: adds its speeds, then the check holds the fastest for the next step
+    torch.testing.assert_close(b.method.speeds, 5 * single, rtol=1e-10, atol=0)
+    assert b.method.holds == [int(m == held) for m in DIMS]
+    step()
+    assert all(p.grad is None for p in net.enc[held].parameters())
+    torch.testing.assert_close(b.method.speeds, 5 * single, rtol=1e-10, atol=0)  # held steps add nothing
+    step()  # speeds were not restarted: the sum goes on
+    torch.testing.assert_close(b.method.speeds, 6 * single, rtol=1e-10, atol=0)
+
+
 # mmpareto -------------------------------------------------------------------------------------------------------
 def authors_min_norm_weight(v1v1, v1v2, v2v2):
     """MMPareto's MinNormSolver._min_norm_element_from2 (GeWu-Lab/MMPareto_ICML2024), transcribed."""

@@ -1,18 +1,30 @@
-"""Method "greedy": hold back the encoder that learns fastest (balanced learning speeds).
+"""Method "greedy": a greedy-style balancer: hold back the encoder that learns fastest (balanced learning speeds).
 
 Source: Wu, Jastrzebski, Cho, Geras, "Characterizing and Overcoming the Greedy Nature of Learning in Multi-modal
-Deep Neural Networks", ICML 2022 (nyukat/greedy_multimodal_learning), generalised from their MMTM model to any
-per-modality encoders as SPEC.md states.
+Deep Neural Networks", ICML 2022 (nyukat/greedy_multimodal_learning). This is a GENERALISATION of that paper's
+algorithm, not the algorithm itself: it keeps the paper's statistic (the conditional learning speed, per encoder)
+and replaces its rebalancing, which only exists in the authors' MMTM architecture, by one that works on any
+per-modality encoders and any M >= 2.
 
-Learning speed of encoder m, accumulated each step over a window (default: one epoch, or window_steps steps):
+Learning speed of encoder m, accumulated each step:
     s_m += ||g_m||^2 / ||theta_m||^2          (over all of encoder m's parameters)
-At the window's end d_m = log10 s_m - mean_j log10 s_j; when max_m d_m - min_m d_m > threshold (0.3; the paper's
-0.01 fires on every check), the fastest encoder is held for hold_steps (5) steps, then the speeds restart.
-Holding sets its parameters' `.grad` to None, so the optimizer leaves them alone (a zeroed gradient would still
-move them through Adam's momentum). Steps while an encoder is held do not add to the speeds.
+At a check, d_m = log10 s_m - mean_j log10 s_j (for M = 2 this is +-1/2 log10 of the authors' speed ratio);
+when max_m d_m - min_m d_m > threshold, the fastest encoder is held for hold_steps (5) steps. Holding sets its
+parameters' `.grad` to None, so the optimizer leaves them alone (a zeroed gradient would still move them through
+Adam's momentum). Steps while an encoder is held do not add to the speeds.
 
-This differs from the paper's own rebalancing, which replaces the MMTM excitations by their running average
-during a "re-balancing" phase; that needs their architecture, this works on any encoders.
+Schedule options:
+- default (modfuse's): a check at the end of every window (one epoch, or window_steps steps), the speeds summed
+  over the window and restarted after it, threshold 0.3 (the paper's 0.01 fires on every check there);
+- the authors' schedule: `window_steps=1, cumulative=True, start_epoch=2, threshold=0.01`: speeds summed from the
+  start of training and never restarted, a check every step from epoch 2 (0-based) on.
+`start_epoch` gates the checks in either schedule (checks of windows in earlier epochs decide nothing).
+
+What differs from the authors' code, and why:
+- rebalancing: the authors swap in the running average of the MMTM excitations during a "re-balancing" phase;
+  here the fastest encoder's gradients are withheld for hold_steps steps (needs no particular architecture);
+- the statistic is the same (speeds matched the authors' to 2e-7 on identical inputs), summed over all of an
+  encoder's parameters; the authors sum over the layers that feed their MMTM blocks.
 Fused ops: one Op 1 launch per encoder gives the squared norms of every gradient and parameter tensor (the
 gradients sit in row 0 of a flat bank, the parameters are copied into row 1).
 """
@@ -32,7 +44,8 @@ class Greedy(Method):
     plain_gradients = False
     fsdp2 = False
 
-    def __init__(self, groups, threshold: float = 0.3, hold_steps: int = 5, window_steps: int | None = None):
+    def __init__(self, groups, threshold: float = 0.3, hold_steps: int = 5, window_steps: int | None = None,
+                 cumulative: bool = False, start_epoch: int = 0):
         super().__init__(groups)
         if len(groups.modalities) < 2:
             raise ValueError("method 'greedy' needs at least two modalities")
@@ -42,7 +55,13 @@ class Greedy(Method):
             raise ValueError(f"hold_steps must be an int >= 1, got {hold_steps!r}")
         if window_steps is not None and (not isinstance(window_steps, int) or window_steps < 1):
             raise ValueError(f"window_steps must be None (one epoch) or an int >= 1, got {window_steps!r}")
+        if not isinstance(cumulative, bool):
+            raise TypeError(f"cumulative must be True or False, got {cumulative!r}")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise ValueError(f"start_epoch must be an int >= 0, got {start_epoch!r}")
         self.threshold, self.hold_steps, self.window_steps = threshold, hold_steps, window_steps
+        self.cumulative, self.start_epoch = cumulative, start_epoch
+        self.epoch = 0  # 0-based index of the epoch of the last step
         device = groups.trainable[0].device
         self.speeds = torch.zeros(len(groups.modalities), dtype=torch.float64, device=device)
         self.window_count = 0
@@ -54,6 +73,7 @@ class Greedy(Method):
 
     def backward(self, step, total):
         banks = reduce_encoder_banks(self.groups, total, rows=2)
+        self.epoch = step.epoch
         self.held_params = set()
         if self.hold_left > 0:
             for layout, _ in banks[self.groups.modalities[self.held]]:
@@ -70,16 +90,17 @@ class Greedy(Method):
                 sq += ops.segment_sq_norms(buf, layout.offsets).sum(1).double().to(sq.device)
             self.speeds[u] += torch.where(sq[1] > 0, sq[0] / sq[1], torch.zeros_like(sq[0]))
         self.window_count += 1
-        if self.window_steps is not None and self.window_count >= self.window_steps:
+        if self.window_steps is not None and self.window_count % self.window_steps == 0:
             self._end_window()
 
     def end_epoch(self, epoch):
         if self.window_steps is None:
+            self.epoch = epoch - 1  # the epoch that just ended
             self._end_window()
 
     def _end_window(self):
         s = self.speeds
-        if self.window_count > 0 and bool((s > 0).all()):
+        if self.window_count > 0 and self.epoch >= self.start_epoch and bool((s > 0).all()):
             logs = torch.log10(s)
             d = logs - logs.mean()
             self._last_d = d.tolist()
@@ -87,8 +108,9 @@ class Greedy(Method):
                 self.held = int(torch.argmax(d))
                 self.hold_left = self.hold_steps
                 self.holds[self.held] += 1
-        self.speeds.zero_()
-        self.window_count = 0
+        if not self.cumulative:
+            self.speeds.zero_()
+            self.window_count = 0
 
     def stats(self):
         out = {f"{m}/holds": float(h) for m, h in zip(self.groups.modalities, self.holds)}
@@ -97,7 +119,7 @@ class Greedy(Method):
         return out
 
     def state_dict(self):
-        return {"speeds": self.speeds.clone(), "window_count": self.window_count, "held": self.held,
+        return {"speeds": self.speeds.clone(), "window_count": self.window_count, "held": self.held, "epoch": self.epoch,
                 "hold_left": self.hold_left, "holds": list(self.holds)}
 
     def load_state_dict(self, state):
@@ -111,6 +133,10 @@ class Greedy(Method):
         if not isinstance(holds, (list, tuple)) or len(holds) != M:
             raise ValueError(f"the greedy state's holds must list {M} counts, got {holds!r}")
         window_count, hold_left = int(state["window_count"]), int(state["hold_left"])
+        epoch = state.get("epoch", 0)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"the greedy state's epoch must be an int >= 0, got {epoch!r}")
         self.speeds.copy_(speeds.to(self.speeds.device))
+        self.epoch = epoch
         self.window_count, self.held, self.hold_left, self.holds = window_count, held, hold_left, list(holds)
 
