@@ -1,6 +1,6 @@
 """Method "calibrated": uncertainty-calibrated aggregation of the objectives' gradients on shared parameters.
 
-Source: SPEC.md Op 4 (the gradient calibration of the seed papers: per-modality gradient uncertainty, evidence
+Source: docs/math.md, Op 4 (the gradient calibration of the seed papers: per-modality gradient uncertainty, evidence
 from precision, reduced Dempster-Shafer fusion, uncertainty-weighted aggregation).
 
 For every shared parameter element d and objective r (each modality's objective, then the fused one):
@@ -22,7 +22,7 @@ The samples, chosen by `moments`:
   per-sample gradients, and mu = S1 / N is the mean-loss gradient again. Needs per-sample losses.
 
 Under torch.distributed, S1, S2 and n are all-reduced before Op 4 (micro-batches are per rank: world * K samples).
-Options: moments, microbatches (8; SPEC: K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
+Options: moments, microbatches (8; K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
 (False: run the statistics stage through torch.compile(fullgraph=True)).
 """

@@ -2,7 +2,7 @@
 
 Source: Wu, Jastrzebski, Cho, Geras, "Characterizing and Overcoming the Greedy Nature of Learning in Multi-modal
 Deep Neural Networks", ICML 2022 (nyukat/greedy_multimodal_learning), generalised from their MMTM model to any
-per-modality encoders as SPEC.md states.
+per-modality encoders (docs/math.md#greedy).
 
 Learning speed of encoder m, accumulated each step over a window (default: one epoch, or window_steps steps):
     s_m += ||g_m||^2 / ||theta_m||^2          (over all of encoder m's parameters)
