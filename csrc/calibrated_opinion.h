@@ -1,4 +1,4 @@
-// SPEC Op 4 steps 2-3 (evidence, belief, uncertainty), the one definition shared by the CPU kernel
+// Op 4 steps 2-3 (docs/math.md) (evidence, belief, uncertainty), the one definition shared by the CPU kernel
 // (csrc/cpu/calibrated_aggregate.cpp, where X is a value or a vector tile) and the CUDA kernel
 // (csrc/cuda/calibrated_aggregate.cu, X = A). Plain C++ with no torch headers, so nvcc compiles it anywhere.
 #pragma once

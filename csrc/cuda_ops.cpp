@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_outputs(const at::Tenso
           at::empty({return_uncertainty ? D : 0}, like.options())};
 }
 double eps_or_default(std::optional<double> eps, at::ScalarType t) {
-  return eps.has_value() ? *eps : (t == at::kDouble ? 1e-30 : 1e-20);  // SPEC Op 4 defaults
+  return eps.has_value() ? *eps : (t == at::kDouble ? 1e-30 : 1e-20);  // Op 4 defaults (docs/math.md)
 }
 }  // namespace
 

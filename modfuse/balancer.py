@@ -231,6 +231,10 @@ class Balancer:
 
     # -- internals --------------------------------------------------------------------------------------------
     def _step(self, fused, unimodal, logits, fused_logits, target, forward, inputs) -> Step:
+        for arg, value in (("unimodal", unimodal), ("logits", logits)):
+            if value is not None and not isinstance(value, Mapping):
+                raise TypeError(f"{arg} must be a dict of modality name -> tensor (keys "
+                                f"{', '.join(map(repr, self.modalities))}), got {type(value).__name__}")
         unimodal = dict(unimodal or {})
         logits = dict(logits or {})
         for arg, d in (("unimodal", unimodal), ("logits", logits)):

@@ -1,4 +1,4 @@
-"""Public functional ops of modfuse (SPEC.md Ops 1-6).
+"""Public functional ops of modfuse (docs/math.md, Ops 1-6).
 
 Each function validates its arguments (modfuse/_checks.py), then runs on one backend:
 
@@ -9,7 +9,7 @@ Each function validates its arguments (modfuse/_checks.py), then runs on one bac
 - ``"triton"``: the Triton kernels (modfuse/triton/*.py) for segment_sq_norms, linear_moments,
   calibrated_aggregate and gram; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
 - ``"cpu"``: the fused C++ kernels (torch.ops.modfuse.*); CPU tensors only.
-- ``"reference"``: modfuse.reference, the SPEC in plain PyTorch (any device, slow, the test oracle).
+- ``"reference"``: modfuse.reference, docs/math.md in plain PyTorch (any device, slow, the test oracle).
 
 Dtypes: float32, float16, bfloat16 and float64 everywhere. Arithmetic accumulates in float32 (float64 for
 float64). Outputs are in the input dtype unless a function says otherwise.
@@ -237,7 +237,7 @@ def _aggregate_result(result, return_uncertainty):
 def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1.0, eps: float | None = None,
                          evidence_max: float = 1e6, return_uncertainty: bool = False, *,
                          check_finite: bool = False, backend: str = "auto"):
-    """Uncertainty-calibrated aggregation of M modalities' gradients (SPEC Op 4), one pass over S1 and S2.
+    """Uncertainty-calibrated aggregation of M modalities' gradients (Op 4), one pass over S1 and S2.
 
     Per element d: mean mu_m = S1_m / n_m, sample variance v_m, evidence e_m = clamp(n_m mu_m^2 / (v_m + eps)
     - 1, 0, evidence_max), belief b_m = e_m / (e_m + kappa), and out = sum_m b_m mu_m (positive-part
@@ -282,7 +282,7 @@ def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1
 def calibrated_aggregate_samples(G: torch.Tensor, kappa: float = 1.0, eps: float | None = None,
                                  evidence_max: float = 1e6, return_uncertainty: bool = False, *,
                                  check_finite: bool = False, backend: str = "auto"):
-    """SPEC Op 4 straight from the samples G[M, K, D] (2 <= K <= 64): G is read once and S1/S2 never exist.
+    """Op 4 straight from the samples G[M, K, D] (2 <= K <= 64): G is read once and S1/S2 never exist.
 
     Same math and returns as calibrated_aggregate with n_m = K, but the variance is the two-pass
     sum_k (g - mu)^2 / (K - 1), which is exact where S2 - n mu^2 would cancel.

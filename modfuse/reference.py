@@ -1,6 +1,6 @@
-"""SPEC.md in plain PyTorch: the oracle every kernel is tested against.
+"""docs/math.md (the ops) in plain PyTorch: the oracle every kernel is tested against.
 
-Each function follows its SPEC section line by line and favours clarity over speed. Arithmetic runs in the
+Each function follows its docs/math.md section line by line and favours clarity over speed. Arithmetic runs in the
 accumulation dtype of the contract: float64 for float64 inputs, float32 for float32/float16/bfloat16. Call it on
 float64 copies of the inputs to get the exact answer a kernel is compared with. No argument checks here: the
 public entry points in modfuse.ops validate before they dispatch to any backend, this one included.
@@ -101,7 +101,7 @@ def calibration_opinions(mu, v, n, kappa=1.0, eps=None, evidence_max=1e6):
 def _aggregate(mu, v, n, kappa, eps, evidence_max, return_uncertainty, out_dtype):
     """Steps 2-5 of Op 4 from means and variances; shared by both forms."""
     e, b, u = calibration_opinions(mu, v, n, kappa, eps, evidence_max)
-    out = (b * mu).sum(0)  # subset masses collapse to coefficient b_m per modality (SPEC step 5)
+    out = (b * mu).sum(0)  # subset masses collapse to coefficient b_m per modality (docs/math.md, Op 4 step 5)
     stats = torch.stack(
         [mu.square().sum(1), (b * mu).square().sum(1), b.mean(1), (e == 0).to(mu.dtype).mean(1)], dim=1
     )

@@ -1,4 +1,4 @@
-"""Op 4, both forms, against the reference, plus the properties SPEC.md lists."""
+"""Op 4, both forms, against the reference, plus the properties docs/math.md lists."""
 import pytest
 import torch
 
@@ -87,7 +87,7 @@ def test_noncontiguous_inputs(dtype, gen, target):
                             reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True), dtype)
 
 
-# ---- SPEC properties, on random data --------------------------------------------------------------------------
+# ---- Op 4's properties (docs/math.md), on random data ----------------------------------------------------------------
 def test_infinite_evidence_gives_the_plain_sum(gen):
     M, K, D = 3, 5, 4099
     mean = torch.randn(M, 1, D, generator=gen, dtype=torch.float64)

@@ -84,7 +84,7 @@ def predict(net, xs, i2m2=False):
 
 @torch.no_grad()
 def hard_share(net, test, i2m2=False):
-    """Shuffle utilization share of the hard modality (SPEC.md Metrics, Singh et al.), on the test split."""
+    """Shuffle utilization share of the hard modality (docs/math.md#metrics, Singh et al.), on the test split."""
     xs, y = test
     acc = (predict(net, xs, i2m2) == y).float().mean()
     g = torch.Generator().manual_seed(1)
@@ -135,7 +135,7 @@ def test_i2m2_trains_each_modalitys_own_classifier():
 
 
 def test_calibrated_shrinks_noise_dimensions_and_keeps_signal():
-    """SPEC Op 4: shared-head weight columns fed by pure-noise features get a smaller update than the plain sum
+    """docs/math.md Op 4: shared-head weight columns fed by pure-noise features get a smaller update than the plain sum
     gives them; columns fed by label-correlated features keep theirs."""
     torch.manual_seed(0)
     N, C, signal, noise = 512, 3, 4, 12

@@ -1,4 +1,4 @@
-// Op 4 (SPEC.md): uncertainty-calibrated aggregation of M modalities' gradients, one pass over the input.
+// Op 4 (docs/math.md): uncertainty-calibrated aggregation of M modalities' gradients, one pass over the input.
 // Moments form reads S1[M, D] and S2[M, D]; samples form reads G[M, K, D]. Both write out[D] (and optionally
 // the fused uncertainty[D]) and per-modality stats[M, 4]. Intermediates (mean, variance, evidence, belief)
 // never leave registers and L1.
@@ -15,7 +15,7 @@ namespace {
 
 constexpr int64_t kChunk = 2048;         // elements of D per work item (moments form)
 constexpr int64_t kSamplesChunk = 1024;  // samples form: K * kSamplesChunk values stay in L2 for pass two
-constexpr int64_t kMaxModalities = 16;     // SPEC: M <= 16; per-modality accumulators live on the stack
+constexpr int64_t kMaxModalities = 16;     // docs/math.md: M <= 16; per-modality accumulators live on the stack
 
 template <typename A>
 using Params = OpinionParams<A>;

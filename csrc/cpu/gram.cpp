@@ -1,4 +1,4 @@
-// Op 5 (SPEC.md): Gram matrix X X^T of R gradient rows in one pass over X (MGDA / MMPareto weights, cosines).
+// Op 5 (docs/math.md): Gram matrix X X^T of R gradient rows in one pass over X (MGDA / MMPareto weights, cosines).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 

@@ -1,4 +1,4 @@
-// Op 3 (SPEC.md): per-sample gradient moments of an nn.Linear layer without per-sample gradients.
+// Op 3 (docs/math.md): per-sample gradient moments of an nn.Linear layer without per-sample gradients.
 // On the CPU this is a composition of matmuls (the fused GEMM is the GPU kernels' job):
 //   T = 1: S1 = gy^T x and S2 = (gy^2)^T (x^2), two GEMMs.
 //   T > 1: S1 = gy^T x over all (n, t); S2 accumulates W_n^2 one sample at a time into one [O, I] buffer, so

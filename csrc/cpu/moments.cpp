@@ -1,4 +1,4 @@
-// Op 2 (SPEC.md): per-modality sums and sums of squares of K gradient samples, into float32/float64 banks.
+// Op 2 (docs/math.md): per-modality sums and sums of squares of K gradient samples, into float32/float64 banks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 

@@ -1,4 +1,4 @@
-// Op 6b (SPEC.md): scale every segment of x[D] in place, optionally adding per-segment Gaussian noise (OGM-GE).
+// Op 6b (docs/math.md): scale every segment of x[D] in place, optionally adding per-segment Gaussian noise (OGM-GE).
 // The noise arrives as one standard-normal draw from the caller's generator (modfuse/ops.py), so the result
 // matches the reference exactly and is reproducible from the generator's seed.
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// Op 1 (SPEC.md): squared L2 norm of every segment of every row of x[R, D], one launch for all parameters.
+// Op 1 (docs/math.md): squared L2 norm of every segment of every row of x[R, D], one launch for all parameters.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 

@@ -1,4 +1,4 @@
-// Op 6 (SPEC.md): out[D] = sum_r w_r X_r, with one weight per row or one per element.
+// Op 6 (docs/math.md): out[D] = sum_r w_r X_r, with one weight per row or one per element.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 

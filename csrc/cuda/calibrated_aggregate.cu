@@ -1,4 +1,4 @@
-// Op 4 (SPEC.md): uncertainty-calibrated aggregation, one pass over the input.
+// Op 4 (docs/math.md): uncertainty-calibrated aggregation, one pass over the input.
 // Moments form reads S1[M, D] and S2[M, D]; samples form reads G[M, K, D] once (shifted single-pass variance).
 // Both write out[D] (and optionally the fused uncertainty[D]) and stats[M, 4]. Per element the mean, variance,
 // evidence and belief of every modality stay in registers. Stats: each block sums its elements' contributions
@@ -16,7 +16,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;  // partials: at most 1024 * M * 4 values
 constexpr int kMaxModalities = 16;
 
-// SPEC steps 2-3: the single-division opinion shared with the CPU kernel (csrc/calibrated_opinion.h).
+// Op 4 steps 2-3 (docs/math.md): the single-division opinion shared with the CPU kernel (csrc/calibrated_opinion.h).
 template <typename A>
 using Params = OpinionParams<A>;
 

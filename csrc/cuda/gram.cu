@@ -1,4 +1,4 @@
-// Op 5 (SPEC.md): out[R, R] = X X^T for R <= 64 rows, one pass over X.
+// Op 5 (docs/math.md): out[R, R] = X X^T for R <= 64 rows, one pass over X.
 // Each block walks tiles of kTile columns (grid-stride over tiles), stages a tile of all R rows in shared
 // memory in the accumulation type, and each thread accumulates a few (i <= j) pairs over the tile. Per-block
 // partials [blocks, pairs] are added in block order by a second kernel, which also mirrors and converts.

@@ -1,4 +1,4 @@
-// Op 2 (SPEC.md): per-modality moment banks. moments: S1 = sum_k G[:, k], S2 = sum_k G[:, k]^2 from G[M, K, D],
+// Op 2 (docs/math.md): per-modality moment banks. moments: S1 = sum_k G[:, k], S2 = sum_k G[:, k]^2 from G[M, K, D],
 // each G value read once; moments_accumulate: S1 += g, S2 += g^2 in place. Element-wise, so no reduction order
 // to fix: every output element is one thread's loop over k. V elements per thread with 16-byte loads of G when
 // D is a multiple of V and the pointers are aligned; one element per thread otherwise.
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(B* __restrict__ S1
     const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(g + i * V);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const B v = to_acc<B>(pk.v[j]);  // g converted to the banks' dtype first (SPEC / reference)
+      const B v = to_acc<B>(pk.v[j]);  // g converted to the banks' dtype first (docs/math.md / reference)
       S1[i * V + j] += v;
       S2[i * V + j] += v * v;
     }

@@ -1,4 +1,4 @@
-// Op 6 (SPEC.md), segment_scale_: x[d] = x[d] * scale[p] (+ noise[d] * noise_std[p]) in place for d in segment p
+// Op 6 (docs/math.md), segment_scale_: x[d] = x[d] * scale[p] (+ noise[d] * noise_std[p]) in place for d in segment p
 // (OGM-GE's modulation and generalisation noise in one pass). One block per piece of a segment (the host piece table, launch.h),
 // so every block knows its segment without a search.
 #include "cuda/common.cuh"

@@ -1,4 +1,4 @@
-// Op 1 (SPEC.md): squared L2 norm of every segment of every row, in one pass over x.
+// Op 1 (docs/math.md): squared L2 norm of every segment of every row, in one pass over x.
 // Stage 1: one block per (piece, row) reduces x^2 over its piece (at most kPieceChunk elements of one segment)
 // with 16-byte loads; stage 2: one thread per (row, segment) adds its pieces' partials in piece order.
 #include "cuda/common.cuh"

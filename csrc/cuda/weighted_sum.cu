@@ -1,4 +1,4 @@
-// Op 6 (SPEC.md): out[D] = sum_r w_r X_r with one weight per row (w[R], acc) or per element (w[R, D], X's dtype).
+// Op 6 (docs/math.md): out[D] = sum_r w_r X_r with one weight per row (w[R], acc) or per element (w[R, D], X's dtype).
 // Element-wise: each output element is one thread's loop over the rows (fixed order), V elements per thread
 // with 16-byte loads when D is a multiple of V and the pointers are aligned.
 #include "cuda/common.cuh"

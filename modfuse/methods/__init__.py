@@ -1,4 +1,4 @@
-"""Balancing methods (SPEC.md "Methods"), one small file each, registered by name.
+"""Balancing methods (docs/math.md#methods), one small file each, registered by name.
 
 A method decides two things for a `modfuse.Balancer` step:
 - `objective(step)`: the scalar loss of the step (the fused loss, plus the unimodal losses the caller passed,

@@ -4,7 +4,7 @@ Source: Wu, Jastrzebski, Cho, Geras, "Characterizing and Overcoming the Greedy N
 Deep Neural Networks", ICML 2022 (nyukat/greedy_multimodal_learning). This is a GENERALISATION of that paper's
 algorithm, not the algorithm itself: it keeps the paper's statistic (the conditional learning speed, per encoder)
 and replaces its rebalancing, which only exists in the authors' MMTM architecture, by one that works on any
-per-modality encoders and any M >= 2.
+per-modality encoders and any M >= 2 (docs/math.md#greedy).
 
 Learning speed of encoder m, accumulated each step:
     s_m += ||g_m||^2 / ||theta_m||^2          (over all of encoder m's parameters)

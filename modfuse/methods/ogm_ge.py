@@ -1,7 +1,7 @@
 """Method "ogm_ge": on-the-fly gradient modulation with generalisation enhancement.
 
 Source: Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022,
-and its official code (GeWu-Lab/OGM-GE_CVPR2022); generalised to M modalities as SPEC.md states.
+and its official code (GeWu-Lab/OGM-GE_CVPR2022); generalised to M modalities (docs/math.md#ogm_ge).
 
 Per step, from the unimodal logits out_u (see `concat_head_unimodal_logits` for a concat head):
     s_u   = sum_i softmax(out_u)_i[y_i]                         (confidence in the true class over the batch)
@@ -49,7 +49,7 @@ def concat_head_unimodal_logits(head: torch.nn.Linear, features: dict[str, torch
 
 
 def modulation(scores: torch.Tensor, alpha: float, continuous: bool) -> torch.Tensor:
-    """k_u from the per-modality scores s_u (SPEC.md ogm_ge)."""
+    """k_u from the per-modality scores s_u (docs/math.md#ogm_ge)."""
     M = scores.numel()
     # the others' mean summed directly (not total - own), so that a tie gives rho = 1 exactly, as s_v / s_a does
     others = ~torch.eye(M, dtype=torch.bool, device=scores.device)

@@ -11,7 +11,7 @@ across the batch (one extra forward per modality, differentiable):
 A step where every d_j <= 0 adds no term (counted in stats). lambda rises clipped-exponentially from
 lambda_max / 1000 at epoch 0 to lambda_max (1) at warmup_epochs (10): lambda = lambda_max * 1000^(min(t/10, 1) - 1),
 t the epochs finished plus the fraction of the current epoch when steps_per_epoch is given.
-(A cross-entropy drop in place of d_m overstates the dominant share; SPEC.md.)
+(A cross-entropy drop in place of d_m overstates the dominant share; docs/math.md#utilization.)
 What the target controls is the share of reliance, not survival without the dominant modality; the paper trains
 only the decision layers on frozen, pretrained encoders (the trainer's --freeze-encoders).
 

@@ -2,7 +2,7 @@
 
 Run directory layout:
     config.json       the run's full configuration (a resumed run reads it back)
-    metrics.jsonl     one line per finished epoch (SPEC.md "Metrics" plus the step-time split)
+    metrics.jsonl     one line per finished epoch (docs/math.md#metrics plus the step-time split)
     checkpoint.pt     the latest finished epoch: model, optimizer, scheduler, RNG states, Balancer/method state
     pretrained.pt     the pretrained encoders (--freeze-encoders only)
     summary.json      the final evaluation: metrics and the noise sweep per modality

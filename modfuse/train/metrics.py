@@ -1,4 +1,4 @@
-"""Evaluation metrics of the trainer (SPEC.md "Metrics"), on the test split, without gradients.
+"""Evaluation metrics of the trainer (docs/math.md#metrics), on the test split, without gradients.
 
 - accuracy: of the model's prediction (fused logits, or the I2M2 product).
 - branch accuracy per modality: argmax of that modality's unimodal logits.

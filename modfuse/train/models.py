@@ -9,7 +9,7 @@ Fusion (`fusion=`):
   objective reaches the head, so "calibrated" has something to weigh (DESIGN.md "Where modality gradients
   meet"), and a branch's accuracy is the accuracy of its own contribution to the fused prediction.
 - "concat": a linear head on the concatenated embeddings; unimodal logits by the OGM-GE split
-  W[:, block_m] h_m + b / M (SPEC.md ogm_ge). Block m of the head only ever sees modality m.
+  W[:, block_m] h_m + b / M (docs/math.md#ogm_ge). Block m of the head only ever sees modality m.
 - "i2m2": every modality its own linear classifier and a joint one on the concatenation, combined as the I2M2
   product of experts (modfuse.methods.i2m2). Used by --method i2m2.
 """

@@ -1,4 +1,4 @@
-"""Op 4 (SPEC.md), moments form, in Triton: one pass over S1[M, D] and S2[M, D].
+"""Op 4 (docs/math.md), moments form, in Triton: one pass over S1[M, D] and S2[M, D].
 
 Each program owns BLOCK elements: per modality (a compile-time loop over M) mean, variance, evidence and belief
 stay in registers; it writes out[D] (and the fused uncertainty) and its row of per-program stats partials

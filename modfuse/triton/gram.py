@@ -1,4 +1,4 @@
-"""Op 5 (SPEC.md) in Triton: out[R, R] = X X^T for R <= 64 rows, one pass over X.
+"""Op 5 (docs/math.md#op-5-gram) in Triton: out[R, R] = X X^T for R <= 64 rows, one pass over X.
 
 Each program takes every PROGRAMS-th tile of BLOCK_D columns, loads all R rows of it (padded to RP >= 16, the
 smallest tl.dot size), converts them to the accumulation dtype and accumulates tl.dot(x, x^T) in full precision

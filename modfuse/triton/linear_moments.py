@@ -1,4 +1,4 @@
-"""Op 3 (SPEC.md) in Triton: per-sample gradient moments of an nn.Linear weight, one GEMM pass.
+"""Op 3 (docs/math.md#op-3-linear_moments) in Triton: per-sample gradient moments of an nn.Linear weight, one GEMM pass.
 
 Each program owns a [BLOCK_O, BLOCK_I] tile of S1 = sum_n W_n and S2 = sum_n W_n^2, W_n = sum_t gy[n, t]^T x[n, t].
 - T = 1: W_n is an outer product, so S1 = gy^T x and S2 = (gy^2)^T (x^2): the program walks N in BLOCK_N steps,

@@ -1,4 +1,4 @@
-"""Op 1 (SPEC.md) in Triton: squared L2 norm of every segment of every row, one pass over x.
+"""Op 1 (docs/math.md#op-1-segment_sq_norms) in Triton: squared L2 norm of every segment of every row, one pass over x.
 
 Segments are cut into pieces of at most PIECE elements (as the CUDA kernel does), one program per (piece, row)
 sums x^2 over its piece; a second kernel adds each segment's pieces in piece order (deterministic, no atomics).
