@@ -117,6 +117,19 @@ def test_method_raises_the_weak_modalitys_utilization(baseline, method, kwargs, 
     assert share > baseline + margin, (method, share, baseline)
 
 
+@pytest.fixture(scope="module")
+def control():
+    """The fused+unimodal control: what inforeg must beat, since its objective adds the unimodal losses."""
+    return hard_share(*train("none", unimodal=True))
+
+
+def test_inforeg_raises_the_weak_modalitys_utilization_over_the_control(control):
+    """The proximal term slows the dominant (easy) encoder in its prime learning window. Measured with seed 0:
+    control 0.256, inforeg 0.336."""
+    share = hard_share(*train("inforeg", unimodal=True))
+    assert share > control + 0.04, (share, control)
+
+
 def test_utilization_target_is_approached():
     share = hard_share(*train("utilization", target=0.5))
     assert abs((1 - share) - 0.5) < 0.1  # the easy modality's share within +-0.1 of its target

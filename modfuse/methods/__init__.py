@@ -173,6 +173,7 @@ def _load_all() -> None:
         calibrated,
         greedy,
         i2m2,
+        inforeg,
         mimo,
         mmpareto,
         none,
