@@ -23,7 +23,7 @@ Schedule options:
 What differs from the authors' code, and why:
 - rebalancing: the authors swap in the running average of the MMTM excitations during a "re-balancing" phase;
   here the fastest encoder's gradients are withheld for hold_steps steps (needs no particular architecture);
-- the statistic is the same (speeds matched the authors' to 2e-7 on identical inputs), summed over all of an
+- the statistic is the same (speeds matched the authors' to 2e-7 on identical inputs, issue 16), summed over all of an
   encoder's parameters; the authors sum over the layers that feed their MMTM blocks.
 Fused ops: one Op 1 launch per encoder gives the squared norms of every gradient and parameter tensor (the
 gradients sit in row 0 of a flat bank, the parameters are copied into row 1).
