@@ -170,6 +170,7 @@ def names() -> list[str]:
 def _load_all() -> None:
     # Importing the modules registers them; kept lazy so that `import modfuse` stays light.
     from modfuse.methods import (  # noqa: F401
+        agm,
         calibrated,
         greedy,
         i2m2,
