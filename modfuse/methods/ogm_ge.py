@@ -81,7 +81,7 @@ class OGMGE(Method):
         self.alpha = check.positive("alpha", alpha)
         for name, value in (("ge", ge), ("continuous", continuous)):
             if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         for name, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -97,14 +97,19 @@ class OGMGE(Method):
         groups = self.groups
         active = self.window[0] <= step.epoch <= self.window[1]
         y = step.target
-        scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
-                              for m in groups.modalities]).double() if active else None
+        scores = None
+        if active:
+            # packed with the gradients, so in their dtype when that is float32/float64 (one collective)
+            dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
+            scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
+                                  for m in groups.modalities]).to(dtype if dtype in (torch.float32, torch.float64)
+                                                                  else torch.float64)
         # one packed collective: the encoder banks, the other gradients and the scores (sums over samples)
         banks = reduce_encoder_banks(groups, total, summed=[] if scores is None else [scores])
         if not active:
             self._k = None
             return
-        k = modulation(scores, self.alpha, self.continuous)
+        k = modulation(scores.double(), self.alpha, self.continuous)
         self._k = k
         for u, m in enumerate(groups.modalities):
             for layout, buf in banks[m]:
@@ -139,5 +144,5 @@ class OGMGE(Method):
     def load_state_dict(self, state):
         generator = state.get("generator") if isinstance(state, dict) else None
         if not isinstance(generator, torch.Tensor):
-            raise ValueError("the ogm_ge state needs its 'generator' state tensor")
+            raise TypeError("the ogm_ge state needs its 'generator' state tensor")
         self.generator.set_state(generator)
