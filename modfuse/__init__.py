@@ -1,6 +1,6 @@
 """modfuse: fused one-pass per-modality gradient statistics for balanced multimodal learning."""
 from modfuse import methods, reference
-from modfuse.autograd import Balancer
+from modfuse.balancer import Balancer
 from modfuse.ops import (
     available_backends,
     calibrated_aggregate,

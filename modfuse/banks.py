@@ -15,21 +15,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from modfuse import reference
-
-
-def distributed() -> bool:
-    """True when torch.distributed is initialised with more than one rank: banks are then all-reduced."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` in place over all ranks (one collective); a no-op in a single process."""
-    if distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 class FlatParams:
@@ -72,8 +59,7 @@ class MomentBank:
     """Per-modality moment banks S1[M, D], S2[M, D] and counts n[M] of one FlatParams group.
 
     Banks are float32 (float64 for float64 parameters) whatever the gradient dtype, as SPEC Op 2 requires.
-    `all_reduce_()` sums the three banks over ranks, one collective each, so that every rank then computes the
-    same calibrated gradient from the statistics of the global batch.
+    Summing them over ranks (modfuse.groups) gives the statistics of the global batch.
     """
 
     def __init__(self, layout: FlatParams, rows: int):
@@ -91,7 +77,3 @@ class MomentBank:
     def row_views(self, bank: torch.Tensor, row: int) -> list[torch.Tensor]:
         """Per-parameter views of one modality's row of S1 or S2."""
         return self.layout.views(bank[row])
-
-    def all_reduce_(self) -> None:
-        for t in (self.S1, self.S2, self.n):
-            all_reduce_sum_(t)

@@ -1,60 +1,276 @@
-"""torch.distributed (gloo, 2 CPU processes): every rank's .grad equals one process on the concatenated batch.
+"""torch.distributed (gloo, CPU, 2 and 3 processes): issue 11's scenarios against one process on the whole batch.
 
-Rank r gets the r-th half of the batch. The moment banks (S1, S2, n), the encoder gradient banks and the plain
-gradients are all-reduced inside Balancer.backward; micro-batches are per rank, so K = 2 per rank matches K = 4
-in one process. Methods whose objective is nonlinear in the batch statistics (utilization: the shuffled drop of
-the local batch; mimo: logsumexp of local mean losses) are per-rank by design and not compared here.
+Process start-ups dominate the cost, so each world size is ONE spawned job that runs every scenario in turn
+(plain process group, DDP with and without gradient_as_bucket_view, DDP given as its .module, FSDP2, NaN on one
+rank, a ragged last batch, a missing modality, a batch too small for `microbatches`, accumulation with and
+without no_sync(), autocast bf16, replicas that differ) and saves what it saw; the parent compares it with one
+process on the concatenated batch. The process group has a 60 s timeout, so a hang fails instead of stalling.
+
+Linear in the batch (compared with one process, `.grad` of the first step and the parameters after 3 SGD
+steps): none, calibrated (both routes), ogm_ge, greedy, mmpareto, i2m2. Per rank by design (their objective is a
+nonlinear function of the rank's own batch): mimo (logsumexp of local mean losses) and utilization (the shuffled
+drop of the local batch): checked equal on every rank only.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import traceback
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _models import SharedHeadNet, batch, losses
 
-from _models import SharedHeadNet, balancer_for, batch, losses
+import modfuse
 
 DIMS = {"a": 5, "b": 7}
-N = 32
-CASES = {
-    "calibrated-microbatch": ("calibrated", {"microbatches": 2}, {"microbatches": 4}),
-    "calibrated-per_sample": ("calibrated", {"moments": "per_sample"}, {"moments": "per_sample"}),
-    "none": ("none", {}, {}),
-    "ogm_ge": ("ogm_ge", {}, {}),
-    "greedy": ("greedy", {"window_steps": 1, "threshold": 0.0}, {"window_steps": 1, "threshold": 0.0}),
-    "mmpareto": ("mmpareto", {}, {}),
-    "i2m2": ("i2m2", {}, {}),
-}
+N = 24
+K_TOTAL = 6   # micro-batches over the whole batch; each rank cuts its part into K_TOTAL / world
+LINEAR = ["none", "calibrated-microbatch", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2"]
+PER_RANK = ["mimo", "utilization"]
+RAGGED = {2: [13, 11], 3: [9, 8, 7]}
 
 
-def model_and_data():
-    torch.manual_seed(0)
-    net = SharedHeadNet(DIMS).double()
-    xs, y = batch(DIMS, N=N, seed=1)
-    return net, {m: x.double() for m, x in xs.items()}, y
+def method_of(case: str, world: int) -> tuple[str, dict]:
+    if case == "calibrated-microbatch":
+        return "calibrated", {"microbatches": K_TOTAL // world}
+    if case == "calibrated-per_sample":
+        return "calibrated", {"moments": "per_sample"}
+    if case == "greedy":   # a hold decided after step 1, so that 3 steps exercise it
+        return "greedy", {"window_steps": 1, "threshold": 0.0}
+    return case, {}
 
 
-def run_steps(net, balancer, xs, y, steps=2):
-    """Two steps, so that greedy's hold (decided after step 1) is exercised too."""
+def make_net(seed=0):
+    torch.manual_seed(seed)
+    return SharedHeadNet(DIMS).double()
+
+
+def data(seed=1, n=N):
+    xs, y = batch(DIMS, N=n, seed=seed)
+    return {m: x.double() for m, x in xs.items()}, y
+
+
+def snapshot(net):
+    """Full (unsharded) gradients and parameters: a collective under FSDP2, so every rank calls it."""
+    def full(t):
+        return None if t is None else (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+    return ({n: full(p.grad) for n, p in net.named_parameters()},
+            {n: full(p) for n, p in net.named_parameters()})
+
+
+def train(net, wrapper, balancer, xs, y, steps=3):
+    """`steps` SGD steps on one batch; returns the gradients of the first step and the final parameters."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    first = None
     for _ in range(steps):
-        net.zero_grad(set_to_none=True)
-        assert balancer.backward(**losses(net, xs, y))
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in net.named_parameters()}
+        opt.zero_grad(set_to_none=True)
+        assert balancer.backward(**losses(wrapper, xs, y))
+        if first is None:
+            first = snapshot(net)[0]
+        opt.step()
+    return first, snapshot(net)[1]
 
 
-def worker(rank, world, port, case, path):
+def expected(case, world=2):
+    """One process on the concatenated batch (the micro-batch route with K_TOTAL parts)."""
+    method, options = method_of(case, 1)
+    if case == "calibrated-microbatch":
+        options = {"microbatches": K_TOTAL}
+    net = make_net()
+    xs, y = data()
+    balancer = modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method=method, **options)
+    return train(net, net, balancer, xs, y)
+
+
+# -- the spawned job ------------------------------------------------------------------------------------------------
+def part_of(rank, sizes):
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def local(rank, world, seed=1, sizes=None):
+    xs, y = data(seed)
+    part = part_of(rank, sizes or [N // world] * world)
+    return {m: x[part] for m, x in xs.items()}, y[part]
+
+
+class CollectiveCounter:
+    """Counts dist.all_reduce calls (the groups layer calls it through the module attribute)."""
+
+    def __init__(self):
+        self.count, self._orig = 0, dist.all_reduce
+
+    def __enter__(self):
+        def counting(*args, **kwargs):
+            self.count += 1
+            return self._orig(*args, **kwargs)
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def scenarios(rank, world, out):
+    def run(name, fn):
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001  (recorded, compared by the parent)
+            out[name] = ("error", type(e).__name__, str(e), traceback.format_exc()[-800:])
+
+    def balancer(model, net, case, **extra):
+        method, options = method_of(case, world)
+        return modfuse.Balancer(model, encoders=dict(net.enc), shared=net.head, method=method, **options, **extra)
+
+    # plain process group, every method
+    for case in LINEAR + PER_RANK:
+        def plain(case=case):
+            net = make_net()
+            xs, y = local(rank, world)
+            b = balancer(net, net, case)
+            with CollectiveCounter() as counter:
+                train(net, net, b, xs, y, steps=1)
+            net = make_net()
+            return (*train(net, net, balancer(net, net, case), xs, y), counter.count)
+        run(f"plain/{case}", plain)
+
+    # DDP, with and without gradient_as_bucket_view; the Balancer given the DDP module or its .module
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    for view in (False, True):
+        for case in LINEAR + PER_RANK:
+            for given in (("ddp", "module") if case == "calibrated-per_sample" else ("ddp",)):
+                def ddp_case(case=case, view=view, given=given):
+                    net = make_net()
+                    ddp = DDP(net, gradient_as_bucket_view=view)
+                    reducer_calls = []
+
+                    def counting_hook(state, bucket):
+                        reducer_calls.append(1)
+                        return allreduce_hook(state, bucket)
+                    ddp.register_comm_hook(None, counting_hook)
+                    xs, y = local(rank, world)
+                    b = balancer(ddp if given == "ddp" else net, net, case)
+                    result = train(net, ddp, b, xs, y)
+                    b.close()
+                    return (*result, len(reducer_calls), ddp.require_backward_grad_sync)
+                run(f"ddp-view={view}-{given}/{case}", ddp_case)
+
+    # FSDP2
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for case in LINEAR + PER_RANK:
+        def fsdp_case(case=case):
+            net = make_net()
+            for m in DIMS:
+                fully_shard(net.enc[m], mesh=mesh)
+            fully_shard(net, mesh=mesh)
+            xs, y = local(rank, world)
+            return train(net, net, balancer(net, net, case), xs, y)
+        run(f"fsdp2/{case}", fsdp_case)
+
+    # a ragged last batch: per-sample weighting equals one process on the concatenation
+    for case in ["none", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2"]:
+        def ragged(case=case):
+            net = make_net()
+            xs, y = local(rank, world, sizes=RAGGED[world])
+            return train(net, net, balancer(net, net, case), xs, y)
+        run(f"ragged/{case}", ragged)
+
+    # NaN loss on the last rank: every rank skips, or every rank raises
+    for policy in ("skip", "raise"):
+        def nan(policy=policy):
+            net = make_net()
+            xs, y = local(rank, world)
+            b = balancer(net, net, "calibrated-microbatch", on_nonfinite=policy)
+            kw = losses(net, xs, y)
+            if rank == world - 1:
+                kw["fused"] = kw["fused"] * float("nan")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    ok = b.backward(**kw)
+                except FloatingPointError as e:
+                    return ("raised", str(e), [p.grad for p in net.parameters()])
+            return (ok, b.skipped, [p.grad for p in net.parameters()])
+        run(f"nan/{policy}", nan)
+
+    # a modality missing on the last rank: a zero contribution (none, calibrated) or a raise on every rank
+    for case in ["none", "calibrated-per_sample", "calibrated-microbatch", "mmpareto"]:
+        def missing(case=case):
+            net = make_net()
+            xs, y = local(rank, world)
+            b = balancer(net, net, case)
+            kw = losses(net, xs, y)
+            if rank == world - 1:
+                del kw["unimodal"]["b"]
+            ok = b.backward(**kw)
+            return (ok, snapshot(net)[0])
+        run(f"missing/{case}", missing)
+
+    # a batch too small for microbatches on one rank: raised on every rank at once
+    def too_small():
+        net = make_net()
+        xs, y = local(rank, world)
+        if rank == world - 1:
+            xs, y = {m: x[:1] for m, x in xs.items()}, y[:1]
+        balancer(net, net, "calibrated-microbatch").backward(**losses(net, xs, y))
+    run("too_small", too_small)
+
+    # accumulation over 2 micro-steps: every call synced (all methods), or one sync per step via no_sync()
+    for case in LINEAR:
+        def accumulate(case=case):
+            net = make_net()
+            b = balancer(net, net, case)
+            for seed in (1, 2):
+                assert b.backward(**losses(net, *local(rank, world, seed=seed)))
+            return snapshot(net)[0]
+        run(f"accumulate/{case}", accumulate)
+
+    def no_sync():
+        net = make_net()
+        b = balancer(net, net, "none")
+        with CollectiveCounter() as inside, b.no_sync():
+            assert b.backward(**losses(net, *local(rank, world, seed=1)))
+        with CollectiveCounter() as after:
+            assert b.backward(**losses(net, *local(rank, world, seed=2)))
+        return (snapshot(net)[0], inside.count, after.count)
+    run("no_sync/none", no_sync)
+
+    # autocast bf16 (float32 model)
+    for case in ["none", "calibrated-microbatch", "ogm_ge"]:
+        def bf16(case=case):
+            net = make_net().float()
+            xs, y = local(rank, world)
+            xs = {m: x.float() for m, x in xs.items()}
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                kw = losses(net, xs, y)
+            assert balancer(net, net, case).backward(**kw)
+            return snapshot(net)[0]
+        run(f"bf16/{case}", bf16)
+
+    # replicas initialised differently: refused on every rank, or copied from rank 0
+    for replicas in ("check", "broadcast"):
+        def replica(replicas=replicas):
+            net = make_net(seed=rank)
+            balancer(net, net, "none", replicas=replicas)
+            return snapshot(net)[1]
+        run(f"replicas/{replicas}", replica)
+
+
+def worker(rank, world, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        method, options, _ = CASES[case]
-        net, xs, y = model_and_data()
-        part = slice(rank * N // world, (rank + 1) * N // world)
-        balancer = balancer_for(net, method, **options)
-        result = run_steps(net, balancer, {m: x[part] for m, x in xs.items()}, y[part])
-        torch.save(result, f"{path}.{rank}")
+        out = {}
+        scenarios(rank, world, out)
+        torch.save(out, f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -65,17 +281,185 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_two_ranks_equal_one_process_on_the_whole_batch(case, tmp_path):
-    method, _, single_options = CASES[case]
-    net, xs, y = model_and_data()
-    expected = run_steps(net, balancer_for(net, method, **single_options), xs, y)
-    path = str(tmp_path / "grads")
-    mp.spawn(worker, args=(2, free_port(), case, path), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(f"{path}.{rank}")
-        for name, g in expected.items():
-            if g is None:
-                assert got[name] is None, name
-            else:
-                torch.testing.assert_close(got[name], g, rtol=1e-9, atol=1e-12, msg=f"rank {rank}: {name}")
+# -- the checks -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
+def job(request, tmp_path_factory):
+    world = request.param
+    path = str(tmp_path_factory.mktemp(f"dist{world}") / "out")
+    mp.spawn(worker, args=(world, free_port(), path), nprocs=world, join=True)
+    return world, [torch.load(f"{path}.{r}", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    return {case: expected(case) for case in LINEAR}
+
+
+def ok(result, name):
+    if isinstance(result, tuple) and result and result[0] == "error":
+        pytest.fail(f"{name}: {result[1]}: {result[2]}\n{result[3]}")
+    return result
+
+
+def close(got, want, what, rtol=1e-9, atol=1e-12):
+    assert set(got) == set(want), what
+    for n, w in want.items():
+        if w is None:
+            assert got[n] is None, f"{what}: {n}"
+        else:
+            torch.testing.assert_close(got[n], w, rtol=rtol, atol=atol, msg=f"{what}: {n}")
+
+
+def same_on_every_rank(results, name):
+    first = ok(results[0][name], name)
+    for r, res in enumerate(results[1:], 1):
+        res = ok(res[name], name)
+        for a, b in zip(first[:2], res[:2]):
+            close(b, a, f"{name}: rank {r} vs rank 0", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", LINEAR)
+def test_plain_process_group_equals_one_process(job, single, case):
+    _, results = job
+    for rank, res in enumerate(results):
+        grads, params, collectives = ok(res[f"plain/{case}"], case)
+        close(grads, single[case][0], f"rank {rank} .grad")
+        close(params, single[case][1], f"rank {rank} parameters after 3 steps")
+        # one tiny agreement + one packed collective per step (the float64 model has one dtype)
+        assert collectives == 2, collectives
+
+
+@pytest.mark.parametrize("case", PER_RANK)
+def test_per_rank_methods_agree_across_ranks(job, case):
+    same_on_every_rank(job[1], f"plain/{case}")
+
+
+@pytest.mark.parametrize("view", [False, True], ids=["copy", "gradient_as_bucket_view"])
+@pytest.mark.parametrize("case", LINEAR + PER_RANK)
+def test_ddp(job, single, case, view):
+    """DDP's reducer never runs (so no gradient is all-reduced twice) and the result is one process's."""
+    _, results = job
+    givens = ("ddp", "module") if case == "calibrated-per_sample" else ("ddp",)
+    for given in givens:
+        name = f"ddp-view={view}-{given}/{case}"
+        for rank, res in enumerate(results):
+            grads, params, reducer_calls, ddp_sync = ok(res[name], name)
+            assert reducer_calls == 0, f"{name}: DDP's reducer all-reduced {reducer_calls} buckets"
+            assert ddp_sync is True, "close() gives DDP its gradient sync back"
+            if case in single:
+                close(grads, single[case][0], f"{name} rank {rank} .grad")
+                close(params, single[case][1], f"{name} rank {rank} parameters")
+        if case not in single:
+            same_on_every_rank(results, name)
+
+
+@pytest.mark.parametrize("case", LINEAR + PER_RANK)
+def test_fsdp2(job, single, case):
+    """Methods with plain gradients run through FSDP2's own reduce-scatter; the others refuse at construction."""
+    world, results = job
+    name = f"fsdp2/{case}"
+    method = method_of(case, world)[0]
+    if method in ("calibrated", "ogm_ge", "greedy", "mmpareto"):
+        for res in results:
+            _, etype, message, _ = res[name]
+            assert etype == "ValueError" and method in message and "FSDP2" in message, message
+        return
+    for rank, res in enumerate(results):
+        grads, params = ok(res[name], name)
+        if case in single:
+            close(grads, single[case][0], f"{name} rank {rank} .grad")
+            close(params, single[case][1], f"{name} rank {rank} parameters")
+    if case not in single:
+        same_on_every_rank(results, name)
+
+
+@pytest.mark.parametrize("case", ["none", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2"])
+def test_ragged_batches_weight_every_sample_equally(job, single, case):
+    _, results = job
+    for rank, res in enumerate(results):
+        grads, params = ok(res[f"ragged/{case}"], case)
+        close(grads, single[case][0], f"ragged rank {rank} .grad")
+        close(params, single[case][1], f"ragged rank {rank} parameters")
+
+
+def test_nan_on_one_rank_is_skipped_or_raised_by_every_rank(job):
+    _, results = job
+    for res in results:
+        okay, skipped, grads = ok(res["nan/skip"], "nan/skip")
+        assert okay is False and skipped == 1 and all(g is None for g in grads)
+        raised, message, grads = ok(res["nan/raise"], "nan/raise")
+        assert raised == "raised" and all(g is None for g in grads), message
+
+
+def test_missing_modality_on_one_rank(job):
+    world, results = job
+    for case in ["none", "calibrated-per_sample", "calibrated-microbatch"]:
+        name = f"missing/{case}"
+        first = ok(results[0][name], name)
+        assert first[0] is True
+        for r, res in enumerate(results[1:], 1):
+            close(ok(res[name], name)[1], first[1], f"{name}: rank {r} vs rank 0", rtol=0, atol=0)
+    # mmpareto needs every modality's loss: every rank raises, none hangs
+    for rank, res in enumerate(results):
+        kind, etype, message, _ = res["missing/mmpareto"]
+        assert kind == "error"
+        if rank == world - 1:
+            assert etype == "ValueError" and "unimodal" in message, message
+        else:
+            assert etype == "RuntimeError" and f"rank(s) [{world - 1}]" in message, message
+
+
+def test_batch_too_small_raises_on_every_rank(job):
+    world, results = job
+    for rank, res in enumerate(results):
+        kind, etype, message, _ = res["too_small"]
+        assert kind == "error"
+        assert ("microbatches" in message) if rank == world - 1 else (etype == "RuntimeError"), message
+
+
+@pytest.mark.parametrize("case", LINEAR)
+def test_accumulation_over_two_micro_steps(job, case):
+    """Each call synced: the sum of two steps, each equal to one process on that step's concatenated batch."""
+    _, results = job
+    method, options = method_of(case, 1)
+    if case == "calibrated-microbatch":
+        options = {"microbatches": K_TOTAL}
+    net = make_net()
+    b = modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method=method, **options)
+    for seed in (1, 2):
+        b.backward(**losses(net, *data(seed)))
+    want = snapshot(net)[0]
+    for rank, res in enumerate(results):
+        close(ok(res[f"accumulate/{case}"], case), want, f"accumulate rank {rank}")
+
+
+def test_no_sync_accumulates_locally_and_syncs_once(job):
+    _, results = job
+    net = make_net()
+    for seed in (1, 2):
+        kw = losses(net, *data(seed))
+        (kw["fused"].mean() + sum(v.mean() for v in kw["unimodal"].values())).backward()
+    want = snapshot(net)[0]
+    for rank, res in enumerate(results):
+        grads, inside, after = ok(res["no_sync/none"], "no_sync")
+        assert inside == 0 and after == 2, (inside, after)
+        close(grads, want, f"no_sync rank {rank}")
+
+
+@pytest.mark.parametrize("case", ["none", "calibrated-microbatch", "ogm_ge"])
+def test_autocast_bf16(job, case):
+    _, results = job
+    first = ok(results[0][f"bf16/{case}"], case)
+    for r, res in enumerate(results[1:], 1):
+        close(ok(res[f"bf16/{case}"], case), first, f"bf16 {case}: rank {r} vs rank 0", rtol=0, atol=0)
+    assert all(g is not None and torch.isfinite(g).all() for g in first.values())
+
+
+def test_replicas_checked_or_broadcast(job):
+    _, results = job
+    for res in results:
+        _, etype, message, _ = res["replicas/check"]
+        assert etype == "ValueError" and "differ between ranks" in message, message
+    rank0 = ok(results[0]["replicas/broadcast"], "broadcast")
+    for res in results[1:]:
+        close(ok(res["replicas/broadcast"], "broadcast"), rank0, "broadcast", rtol=0, atol=0)

@@ -6,24 +6,66 @@ A method decides two things for a `modfuse.Balancer` step:
 - `backward(step, total)`: how gradients reach `.grad` (plain backward, per-objective backwards combined by a
   fused op, modulation of encoder gradients afterwards).
 
-Methods are built only on modfuse.ops. `create(name, balancer, **options)` builds one; `METHODS` lists them.
+Methods are built on modfuse.ops and the groups layer (modfuse.groups: parameter groups, gradient capture into
+flat banks, collectives) only; they never see the Balancer. `create(name, groups, **options)` builds one.
 """
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from modfuse.banks import FlatParams, all_reduce_sum_, distributed
-
 if TYPE_CHECKING:  # pragma: no cover
-    from modfuse.autograd import Balancer, Step
+    from modfuse.groups import Groups
 
-_REGISTRY: dict[str, type["Method"]] = {}
+@dataclass
+class Step:
+    """What one Balancer.backward call was given. Methods read the fields they need."""
+
+    fused: torch.Tensor | None
+    unimodal: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    fused_logits: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    forward: Callable | None = None
+    inputs: Mapping | None = None
+    epoch: int = 0          # epochs finished before this step
+    #: per objective row (modalities, then "fused"): samples over all ranks that have it (set by the Balancer)
+    row_samples: dict[str, float] = field(default_factory=dict)
+    #: per objective row: how many ranks have it
+    row_ranks: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def mean(loss: torch.Tensor) -> torch.Tensor:
+        return loss.mean() if loss.dim() else loss
+
+    def named_losses(self) -> list[tuple[str, torch.Tensor]]:
+        """The losses that were passed, named as error messages name them."""
+        return ([("fused", self.fused)] if self.fused is not None else []) + \
+            [(f"unimodal[{m!r}]", v) for m, v in self.unimodal.items()]
+
+    def objectives(self) -> list[tuple[str, torch.Tensor]]:
+        """The per-modality objectives in modality order, then the fused one: the rows of a moment bank."""
+        rows = list(self.unimodal.items())
+        if self.fused is not None:
+            rows.append(("fused", self.fused))
+        return rows
+
+    def batch_size(self) -> int:
+        """N of this step: the length of a per-sample loss, else of target / logits; 1 for scalar losses only."""
+        for t in [self.fused, *self.unimodal.values(), self.target, self.fused_logits, *self.logits.values()]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1:
+                return int(t.shape[0])
+        return 1
 
 
-def register(cls: type["Method"]) -> type["Method"]:
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -38,57 +80,32 @@ class Method:
     needs_loss = True
     #: True when the method acts on encoder gradients (so every encoder must have trainable parameters).
     modulates_encoders = False
+    #: True when every gradient is the plain gradient of the objective (so no_sync() accumulation is exact).
+    plain_gradients = True
+    #: False when the method cannot run under FSDP2 (it needs several backwards or whole-group gradients).
+    fsdp2 = True
 
-    def __init__(self, balancer: "Balancer"):
-        self.balancer = balancer
+    def __init__(self, groups: Groups):
+        self.groups = groups
+        if groups.fsdp and not self.fsdp2:
+            raise ValueError(f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
+                             "backwards per step or the whole gradient of a group on every rank; use "
+                             "DistributedDataParallel, or a method that runs under FSDP2 (none, mimo, i2m2, "
+                             "utilization)")
 
     # -- the two decisions ----------------------------------------------------------------------------------
-    def objective(self, step: "Step") -> torch.Tensor:
+    def objective(self, step: Step) -> torch.Tensor:
         """fused + the sum of the unimodal losses that were passed (each mean-reduced)."""
         losses = ([step.fused] if step.fused is not None else []) + list(step.unimodal.values())
         return sum(step.mean(loss) for loss in losses[1:]) + step.mean(losses[0])
 
-    def backward(self, step: "Step", total: torch.Tensor) -> None:
-        params = self.balancer.trainable
-        torch.autograd.backward(total, inputs=params)
-        self.balancer.sync_plain_grads(params)
+    def check(self, step: Step) -> None:
+        """Raise on a step this method cannot take, before anything runs (errors are agreed by all ranks)."""
 
-    def backward_into_banks(self, total: torch.Tensor, rows: int = 1) -> dict[str, list[tuple[FlatParams, torch.Tensor]]]:
-        """Plain backward of `total` with every encoder's gradients landing in one flat bank per encoder.
-
-        For each encoder (and each device/dtype inside it) a fresh [rows, D] buffer is made and the `.grad` of
-        its parameters are set to views of row 0 before the backward, so autograd accumulates straight into the
-        bank (DDP's gradient_as_bucket_view) and a method can then modulate all of an encoder's gradients with
-        one launch. Rows 1.. are free for the method. Encoder parameters the backward did not reach get
-        `.grad = None` (the Balancer then reports them). Under torch.distributed the banks are averaged over
-        ranks, one collective per bank, and the other parameters' gradients too.
-        """
-        balancer = self.balancer
-        banks = {m: [(layout, layout.grad_rows(rows)) for layout in layouts]
-                 for m, layouts in balancer.encoder_layouts.items()}
-        reached: set[int] = set()
-        handles = []
-        for layouts in banks.values():
-            for layout, buf in layouts:
-                for p, view in zip(layout.params, layout.views(buf[0])):
-                    p.grad = view
-                    handles.append(p.register_post_accumulate_grad_hook(lambda q: reached.add(id(q))))
-        try:
-            torch.autograd.backward(total, inputs=balancer.trainable)
-        finally:
-            for handle in handles:
-                handle.remove()
-        encoder_ids = set()
-        for layouts in banks.values():
-            for layout, buf in layouts:
-                encoder_ids.update(id(p) for p in layout.params)
-                for p in layout.params:
-                    if id(p) not in reached:
-                        p.grad = None
-                if distributed():
-                    all_reduce_sum_(buf[0]).div_(torch.distributed.get_world_size())
-        balancer.sync_plain_grads([p for p in balancer.trainable if id(p) not in encoder_ids])
-        return banks
+    def backward(self, step: Step, total: torch.Tensor) -> None:
+        params = self.groups.trainable
+        self.groups.backward(total, params)
+        self.groups.reduce_grads_(params)
 
     # -- training-loop hooks and state ----------------------------------------------------------------------
     def on_skip(self) -> None:
@@ -107,19 +124,42 @@ class Method:
         """Statistics of the last step, as Python numbers (for logging)."""
         return {}
 
+    def close(self) -> None:
+        """Remove whatever the method attached to the model (hooks)."""
 
-def create(name: str, balancer: "Balancer", **options) -> Method:
+
+def reduce_encoder_banks(groups: Groups, total: torch.Tensor, rows: int = 1, summed=()):
+    """Plain backward with every encoder's gradients in flat banks (row 0 = `.grad`), then one packed
+    collective for the banks, every other gradient and `summed`; unreached parameters end with `.grad = None`."""
+    banks, reached = groups.backward_into_banks(total, rows)
+    entries = [(layout, buf) for layouts in banks.values() for layout, buf in layouts]
+    flags = [torch.tensor([float(id(p) in reached) for p in layout.params], dtype=buf.dtype, device=buf.device)
+             for layout, buf in entries]
+    encoder_ids = {id(p) for layout, _ in entries for p in layout.params}
+    others = [p for p in groups.trainable if id(p) not in encoder_ids]
+    pairs, flats, others_reached = groups.grads_to_reduce(others)
+    groups.all_reduce_(weighted=[*(buf[0] for _, buf in entries), *flats],
+                       summed=[*flags, *summed, *([] if others_reached is None else [others_reached])])
+    groups.finish_grads(pairs, others_reached)
+    for (layout, _), flag in zip(entries, flags):
+        for p, f in zip(layout.params, flag.tolist()):
+            if f == 0:
+                p.grad = None
+    return banks
+
+
+def create(name: str, groups: Groups, **options) -> Method:
     """Build the method registered as `name` with its options (each method documents its own)."""
     _load_all()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(map(repr, sorted(_REGISTRY)))}")
     cls = _REGISTRY[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "balancer")]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "groups")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise TypeError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
                         f"{', '.join(map(repr, allowed)) or 'none'}")
-    return cls(balancer, **options)
+    return cls(groups, **options)
 
 
 def names() -> list[str]:

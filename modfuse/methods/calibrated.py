@@ -21,12 +21,19 @@ The samples, chosen by `moments`:
   objective's path are the T axis). The losses are summed (not averaged) for that backward, so gy are
   per-sample gradients, and mu = S1 / N is the mean-loss gradient again. Needs per-sample losses.
 
-Under torch.distributed, S1, S2 and n are all-reduced before Op 4 (micro-batches are per rank: world * K samples).
+Under torch.distributed, S1, S2 and n are summed over ranks (with the other gradients, in one packed collective)
+before Op 4, so every rank computes the update of the global batch: the per-sample route gives exactly one process
+on the concatenated batch; with micro-batches each rank cuts its own batch into K parts (world * K samples), each
+scaled by K_total / N_total so that their mean is the gradient of the mean loss over all ranks' samples. An
+objective missing on a rank (a modality absent there) adds zeros with count 0 on that rank.
+Under FSDP2 the method raises at construction (its several backwards need the unsharded parameters).
 Options: moments, microbatches (8; SPEC: K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
 (False: run the statistics stage through torch.compile(fullgraph=True)).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -48,34 +55,49 @@ def calibrate(S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, kappa: float,
 class Calibrated(Method):
     name = "calibrated"
     requires = ()
+    plain_gradients = False
+    fsdp2 = False
 
-    def __init__(self, balancer, moments: str = "microbatch", microbatches: int = 8, kappa: float = 1.0,
+    def __init__(self, groups, moments: str = "microbatch", microbatches: int = 8, kappa: float = 1.0,
                  eps: float | None = None, evidence_max: float = 1e6, include_fused: bool = True,
                  compile: bool = False):
-        super().__init__(balancer)
+        super().__init__(groups)
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
-        if not isinstance(microbatches, int) or microbatches < 2:
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2:
             raise ValueError(f"microbatches must be an int >= 2 (a variance needs two samples), got {microbatches!r}")
-        if not balancer.shared:
+        if not groups.shared:
             raise ValueError("method 'calibrated' needs shared= parameters (those every modality's objective "
                              "reaches, e.g. a head applied to each embedding)")
+        if not isinstance(include_fused, bool):
+            raise ValueError(f"include_fused must be True or False, got {include_fused!r}")
         self.moments, self.K, self.include_fused = moments, microbatches, include_fused
         self.kappa = check.positive("kappa", kappa)
         self.evidence_max = check.positive("evidence_max", evidence_max, allow_inf=True)
         self.eps = None if eps is None else check.positive("eps", eps)
-        self.layouts = balancer.layouts(balancer.shared)
+        self.layouts = groups.layouts(groups.shared)
         # looked up at call time when not compiled, so a wrapper such as modfuse.train.timing.op_timer sees it
         self._compiled = torch.compile(calibrate, fullgraph=True, dynamic=False) if compile else None
         self._last: list[tuple[list[str], torch.Tensor]] = []
+        self._calls: dict[torch.nn.Linear, list] = {}
+        self._hooks: list = []
         if moments == "per_sample":
             self._linear = self._find_linears()
-            self._calls: dict[torch.nn.Linear, list] = {}
+            # The hooks hold the method only weakly (a discarded Balancer stops recording and is collected), keep
+            # only the calls of the current forward of the model (a new forward drops the previous one's), and
+            # are removed by close() or when the method is collected.
+            me = weakref.ref(self)
+            self._hooks.append(groups.model.register_forward_pre_hook(lambda *_: _forget(me)))
             for module in self._linear:
-                module.register_forward_hook(self._record)
+                self._hooks.append(module.register_forward_hook(lambda mod, args, out: _record(me, mod, args, out)))
+            self._finalizer = weakref.finalize(self, _remove, list(self._hooks))
+
+    def close(self):
+        _remove(self._hooks)
+        self._calls = {}
 
     # -- gradients --------------------------------------------------------------------------------------------
-    def backward(self, step, total):
+    def check(self, step):
         rows = step.objectives() if self.include_fused else list(step.unimodal.items())
         if len(rows) < 1:
             raise ValueError("method 'calibrated' needs unimodal= losses (and/or fused= with include_fused=True)")
@@ -86,42 +108,60 @@ class Calibrated(Method):
         N = rows[0][1].shape[0]
         if any(loss.shape[0] != N for _, loss in rows):
             raise ValueError("the per-sample losses must all have the same length N (one batch)")
+        if self.moments == "microbatch" and N < self.K:
+            raise ValueError(f"a batch of N = {N} samples cannot be cut into microbatches = {self.K} parts")
+        if self.moments == "per_sample" and not any(self._calls.values()):
+            raise ValueError("moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
+                             "step: build the Balancer before the forward pass and run the forward with autograd enabled")
+
+    def backward(self, step, total):
+        groups = self.groups
+        # The bank rows are the objectives present on any rank (agreed by the Balancer); absent here: zeros, n = 0.
+        local = dict(step.objectives() if self.include_fused else step.unimodal.items())
+        names = [m for m in groups.modalities + ["fused"] if step.row_ranks.get(m, int(m in local)) > 0 and
+                 (m != "fused" or self.include_fused)]
+        rows = [(name, local.get(name)) for name in names]
+        N = next(loss.shape[0] for loss in local.values())
         banks = [MomentBank(layout, len(rows)) for layout in self.layouts]
         reached: set[int] = set()
         if self.moments == "microbatch":
-            self._microbatch_moments(rows, N, banks, reached)
+            self._microbatch_moments(rows, N, banks, reached, step)
         else:
             self._per_sample_moments(rows, N, banks, reached)
-        for layout in self.layouts:
-            for p in layout.params:
-                if id(p) not in reached:
-                    raise ValueError(f"shared parameter {self.balancer.name_of(p)!r} received no gradient from any "
-                                     "objective of this step")
-        shared = {id(p) for _, p in self.balancer.shared}
-        others = [p for p in self.balancer.trainable if id(p) not in shared]
+        shared = {id(p) for _, p in groups.shared}
+        others = [p for p in groups.trainable if id(p) not in shared]
         if others:
-            torch.autograd.backward(total, inputs=others)
-            self.balancer.sync_plain_grads(others)
+            groups.backward(total, others)
+        flags = [torch.tensor([float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype,
+                              device=bank.S1.device) for bank in banks]
+        # one packed collective: the moment banks (sums), the reached flags and the other parameters' gradients
+        groups.reduce_grads_(others, summed=[t for bank in banks for t in (bank.S1, bank.S2, bank.n)] + flags)
+        for bank, flag in zip(banks, flags):
+            for p, f in zip(bank.layout.params, flag.tolist()):
+                if f == 0:
+                    raise ValueError(f"shared parameter {groups.name_of(p)!r} received no gradient from any "
+                                     "objective of this step")
         self._last = []
         for bank in banks:
-            bank.all_reduce_()
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
             out, stats = (self._compiled or calibrate)(bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max)
             out = out.to(bank.layout.dtype)
             for p, view in zip(bank.layout.params, bank.layout.views(out)):
                 p.grad = view
-            self._last.append(([name for name, _ in rows], stats))
+            self._last.append((names, stats))
 
-    def _microbatch_moments(self, rows, N, banks, reached):
-        if N < self.K:
-            raise ValueError(f"a batch of N = {N} samples cannot be cut into microbatches = {self.K} parts")
+    def _microbatch_moments(self, rows, N, banks, reached, step):
         params = [p for layout in self.layouts for p in layout.params]
         bounds = torch.linspace(0, N, self.K + 1).round().long().tolist()
         scratch = [layout.grad_rows(1)[0] for layout in self.layouts]
-        for r, (_, loss) in enumerate(rows):
+        for r, (name, loss) in enumerate(rows):
+            if loss is None:
+                continue
+            # K parts per rank: scale = (parts over all ranks) / (samples over all ranks), K / N in one process
+            scale = self.K * step.row_ranks.get(name, 1) / step.row_samples.get(name, N)
             for k in range(self.K):
-                part = loss[bounds[k]:bounds[k + 1]].sum() * (self.K / N)
-                grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+                part = loss[bounds[k]:bounds[k + 1]].sum() * scale
+                grads = self.groups.grads(part, params)
                 i = 0
                 for layout, bank, flat in zip(self.layouts, banks, scratch):
                     g = grads[i:i + len(layout.params)]
@@ -135,12 +175,12 @@ class Calibrated(Method):
     # -- per-sample moments of nn.Linear layers (Op 3) --------------------------------------------------------
     def _find_linears(self) -> list[torch.nn.Linear]:
         owner = {}
-        for module in self.balancer.model.modules():
+        for module in self.groups.model.modules():
             if isinstance(module, torch.nn.Linear):
                 for p in module.parameters(recurse=False):
                     owner[id(p)] = module
         linears = []
-        for name, p in self.balancer.shared:
+        for name, p in self.groups.shared:
             if id(p) not in owner:
                 raise ValueError(f"moments='per_sample' needs every shared parameter to be the weight or bias of an "
                                  f"nn.Linear; {name!r} is not (use moments='microbatch')")
@@ -148,18 +188,13 @@ class Calibrated(Method):
                 linears.append(owner[id(p)])
         return linears
 
-    def _record(self, module, args, output):
-        if torch.is_grad_enabled() and output.requires_grad:
-            self._calls.setdefault(module, []).append((args[0].detach(), output))
-
     def _per_sample_moments(self, rows, N, banks, reached):
         calls = [(m, x, y) for m, cs in self._calls.items() for x, y in cs]
         self._calls = {}
-        if not calls:
-            raise ValueError("moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
-                             "step: build the Balancer before the forward pass and run the forward with autograd enabled")
         where = {id(p): (bank, j) for bank in banks for j, p in enumerate(bank.layout.params)}
         for r, (_, loss) in enumerate(rows):
+            if loss is None:
+                continue
             gys = torch.autograd.grad(loss.sum(), [y for _, _, y in calls], retain_graph=True, allow_unused=True)
             per_module: dict[torch.nn.Linear, list] = {}
             for (module, x, _), gy in zip(calls, gys):
@@ -204,3 +239,22 @@ class Calibrated(Method):
             out[f"{name}/zero_evidence"] = zero / D
             out[f"{name}/kept_norm"] = (kept2 / norm2) ** 0.5 if norm2 > 0 else 0.0
         return out
+
+
+def _record(method_ref, module, args, output):
+    method = method_ref()
+    if method is not None and torch.is_grad_enabled() and output.requires_grad:
+        method._calls.setdefault(module, []).append((args[0].detach(), output))
+
+
+def _forget(method_ref):
+    """A new forward of the model: the previous forward's recorded calls are not needed by any coming backward."""
+    method = method_ref()
+    if method is not None and torch.is_grad_enabled():
+        method._calls = {}
+
+
+def _remove(handles):
+    for handle in handles:
+        handle.remove()
+    handles.clear()

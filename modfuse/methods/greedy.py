@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from modfuse import ops
-from modfuse.methods import Method, register
+from modfuse.methods import Method, reduce_encoder_banks, register
 
 
 @register
@@ -29,38 +29,40 @@ class Greedy(Method):
     name = "greedy"
     requires = ()
     modulates_encoders = True
+    plain_gradients = False
+    fsdp2 = False
 
-    def __init__(self, balancer, threshold: float = 0.3, hold_steps: int = 5, window_steps: int | None = None):
-        super().__init__(balancer)
-        if len(balancer.modalities) < 2:
+    def __init__(self, groups, threshold: float = 0.3, hold_steps: int = 5, window_steps: int | None = None):
+        super().__init__(groups)
+        if len(groups.modalities) < 2:
             raise ValueError("method 'greedy' needs at least two modalities")
-        if not threshold >= 0:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {threshold!r}")
         if not isinstance(hold_steps, int) or hold_steps < 1:
             raise ValueError(f"hold_steps must be an int >= 1, got {hold_steps!r}")
         if window_steps is not None and (not isinstance(window_steps, int) or window_steps < 1):
             raise ValueError(f"window_steps must be None (one epoch) or an int >= 1, got {window_steps!r}")
         self.threshold, self.hold_steps, self.window_steps = threshold, hold_steps, window_steps
-        device = balancer.trainable[0].device
-        self.speeds = torch.zeros(len(balancer.modalities), dtype=torch.float64, device=device)
+        device = groups.trainable[0].device
+        self.speeds = torch.zeros(len(groups.modalities), dtype=torch.float64, device=device)
         self.window_count = 0
         self.held: int | None = None    # index of the held modality
         self.hold_left = 0
-        self.holds = [0] * len(balancer.modalities)  # how many holds each modality got (for logging)
+        self.holds = [0] * len(groups.modalities)  # how many holds each modality got (for logging)
         self.held_params: set[int] = set()
         self._last_d: list[float] | None = None
 
     def backward(self, step, total):
-        banks = self.backward_into_banks(total, rows=2)
+        banks = reduce_encoder_banks(self.groups, total, rows=2)
         self.held_params = set()
         if self.hold_left > 0:
-            for layout, _ in banks[self.balancer.modalities[self.held]]:
+            for layout, _ in banks[self.groups.modalities[self.held]]:
                 for p in layout.params:
                     p.grad = None
                     self.held_params.add(id(p))
             self.hold_left -= 1
             return
-        for u, m in enumerate(self.balancer.modalities):
+        for u, m in enumerate(self.groups.modalities):
             sq = torch.zeros(2, dtype=torch.float64, device=self.speeds.device)
             for layout, buf in banks[m]:
                 torch._foreach_copy_(layout.views(buf[1]), [p.detach() for p in layout.params])
@@ -89,9 +91,9 @@ class Greedy(Method):
         self.window_count = 0
 
     def stats(self):
-        out = {f"{m}/holds": float(h) for m, h in zip(self.balancer.modalities, self.holds)}
+        out = {f"{m}/holds": float(h) for m, h in zip(self.groups.modalities, self.holds)}
         if self._last_d is not None:
-            out.update({f"{m}/speed_log_ratio": v for m, v in zip(self.balancer.modalities, self._last_d)})
+            out.update({f"{m}/speed_log_ratio": v for m, v in zip(self.groups.modalities, self._last_d)})
         return out
 
     def state_dict(self):
@@ -99,7 +101,16 @@ class Greedy(Method):
                 "hold_left": self.hold_left, "holds": list(self.holds)}
 
     def load_state_dict(self, state):
-        self.speeds.copy_(state["speeds"].to(self.speeds.device))
-        self.window_count, self.held = int(state["window_count"]), state["held"]
-        self.hold_left, self.holds = int(state["hold_left"]), list(state["holds"])
+        M = len(self.groups.modalities)
+        speeds, held, holds = state.get("speeds"), state.get("held"), state.get("holds")
+        if not isinstance(speeds, torch.Tensor) or speeds.shape != (M,):
+            raise ValueError(f"the greedy state holds speeds for {getattr(speeds, 'shape', None)} modalities, this "
+                             f"Balancer has {M}")
+        if held is not None and not (isinstance(held, int) and 0 <= held < M):
+            raise ValueError(f"the greedy state's held modality {held!r} is not an index below {M}")
+        if not isinstance(holds, (list, tuple)) or len(holds) != M:
+            raise ValueError(f"the greedy state's holds must list {M} counts, got {holds!r}")
+        window_count, hold_left = int(state["window_count"]), int(state["hold_left"])
+        self.speeds.copy_(speeds.to(self.speeds.device))
+        self.window_count, self.held, self.hold_left, self.holds = window_count, held, hold_left, list(holds)
 

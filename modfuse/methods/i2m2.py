@@ -44,11 +44,11 @@ class I2M2(Method):
     requires = ("logits", "fused_logits", "target")
     needs_loss = False
 
-    def __init__(self, balancer):
-        super().__init__(balancer)
+    def __init__(self, groups):
+        super().__init__(groups)
 
     def objective(self, step):
-        log_p = i2m2_log_probs([step.logits[m] for m in self.balancer.modalities], step.fused_logits)
+        log_p = i2m2_log_probs([step.logits[m] for m in self.groups.modalities], step.fused_logits)
         total = F.nll_loss(log_p, step.target)
         if step.fused is not None or step.unimodal:
             total = total + super().objective(step)

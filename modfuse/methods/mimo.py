@@ -19,18 +19,18 @@ class Mimo(Method):
     name = "mimo"
     requires = ("fused", "unimodal")
 
-    def __init__(self, balancer, lam: float = 1.0, tau: float = 1.0):
-        super().__init__(balancer)
+    def __init__(self, groups, lam: float = 1.0, tau: float = 1.0):
+        super().__init__(groups)
         self.lam = check.positive("lam", lam)
         self.tau = check.positive("tau", tau)
         self._weights = None
 
     def objective(self, step):
-        losses = torch.stack([step.mean(step.unimodal[m]) for m in self.balancer.modalities])
+        losses = torch.stack([step.mean(step.unimodal[m]) for m in self.groups.modalities])
         self._weights = torch.softmax(losses.detach() / self.tau, 0)  # each modality's share of the smooth max
         return step.mean(step.fused) + self.lam * self.tau * torch.logsumexp(losses / self.tau, 0)
 
     def stats(self):
         if self._weights is None:
             return {}
-        return {f"{m}/weight": float(w) for m, w in zip(self.balancer.modalities, self._weights.tolist())}
+        return {f"{m}/weight": float(w) for m, w in zip(self.groups.modalities, self._weights.tolist())}

@@ -20,7 +20,6 @@ import torch
 
 from modfuse import _checks as check
 from modfuse import ops
-from modfuse.banks import all_reduce_sum_, distributed
 from modfuse.methods import Method, register
 
 
@@ -44,44 +43,44 @@ class MMPareto(Method):
     name = "mmpareto"
     requires = ("fused", "unimodal")
     modulates_encoders = True
+    plain_gradients = False
+    fsdp2 = False
 
-    def __init__(self, balancer, gamma: float = 1.5):
-        super().__init__(balancer)
+    def __init__(self, groups, gamma: float = 1.5):
+        super().__init__(groups)
         self.gamma = check.positive("gamma", gamma)
         self._cos: dict[str, float] | None = None
         self.conflicts = 0  # (encoder, step) pairs with cos <= 0 so far
 
     def backward(self, step, total):
-        balancer = self.balancer
+        groups = self.groups
         fused = step.mean(step.fused)
-        encoder_ids, cos = set(), {}
-        all_params = [p for pairs in balancer.encoders.values() for _, p in pairs]
-        g_mm_all = torch.autograd.grad(fused, all_params, retain_graph=True, allow_unused=True)
-        by_param = dict(zip(map(id, all_params), g_mm_all))
-        results = []
-        for m, layouts in balancer.encoder_layouts.items():
+        all_params = [p for pairs in groups.encoders.values() for _, p in pairs]
+        by_param = dict(zip(map(id, all_params), groups.grads(fused, all_params)))
+        banks = []
+        for m, layouts in groups.encoder_layouts.items():
             for layout in layouts:
-                params = layout.params
-                encoder_ids.update(map(id, params))
-                g_m = torch.autograd.grad(step.mean(step.unimodal[m]), params, retain_graph=True, allow_unused=True)
-                g_mm = [by_param[id(p)] for p in params]
+                g_m = groups.grads(step.mean(step.unimodal[m]), layout.params)
+                g_mm = [by_param[id(p)] for p in layout.params]
                 X = layout.grad_rows(2)
                 layout.flatten_into(X[0], g_mm)
                 layout.flatten_into(X[1], g_m)
-                if distributed():
-                    all_reduce_sum_(X).div_(torch.distributed.get_world_size())
-                w, c = pareto_weights(ops.gram(X.float() if X.dtype in (torch.float16, torch.bfloat16) else X),
-                                      self.gamma)
-                out = ops.weighted_sum(X, w)
-                unreached = [p for p, a, b in zip(params, g_mm, g_m) if a is None and b is None]
-                results.append((layout, out, unreached))
-                cos[m] = c
-        others = [p for p in balancer.trainable if id(p) not in encoder_ids]
-        torch.autograd.backward(total, inputs=others)
-        balancer.sync_plain_grads(others)
-        for layout, out, unreached in results:
-            for p, view in zip(layout.params, layout.views(out)):
-                p.grad = None if any(p is q for q in unreached) else view
+                reached = torch.tensor([float(a is not None or b is not None) for a, b in zip(g_mm, g_m)],
+                                       dtype=X.dtype, device=X.device)
+                banks.append((m, layout, X, reached))
+        encoder_ids = set(map(id, all_params))
+        others = [p for p in groups.trainable if id(p) not in encoder_ids]
+        groups.backward(total, others)
+        # one packed collective: both rows of every encoder bank and every other gradient
+        groups.reduce_grads_(others, weighted=[X for _, _, X, _ in banks], summed=[r for *_, r in banks])
+        cos = {}
+        for m, layout, X, reached in banks:
+            w, c = pareto_weights(ops.gram(X.float() if X.dtype in (torch.float16, torch.bfloat16) else X),
+                                  self.gamma)
+            out = ops.weighted_sum(X, w)
+            for p, view, f in zip(layout.params, layout.views(out), reached.tolist()):
+                p.grad = view if f > 0 else None
+            cos[m] = c
         self._cos = {m: float(c) for m, c in cos.items()}
         self.conflicts += sum(1 for c in self._cos.values() if c <= 0)
 
@@ -94,4 +93,7 @@ class MMPareto(Method):
         return {"conflicts": self.conflicts}
 
     def load_state_dict(self, state):
-        self.conflicts = int(state["conflicts"])
+        conflicts = state.get("conflicts")
+        if isinstance(conflicts, bool) or not isinstance(conflicts, int) or conflicts < 0:
+            raise ValueError(f"the mmpareto state's conflicts must be an int >= 0, got {conflicts!r}")
+        self.conflicts = conflicts

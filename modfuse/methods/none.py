@@ -11,5 +11,5 @@ class NoMethod(Method):
     name = "none"
     requires = ()
 
-    def __init__(self, balancer):
-        super().__init__(balancer)
+    def __init__(self, groups):
+        super().__init__(groups)

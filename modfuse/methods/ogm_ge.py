@@ -15,7 +15,7 @@ Active for start_epoch <= epoch <= end_epoch (official: 0 and 50). alpha has no 
 (0.8 for CREMA-D, 0.1 for VGGSound); 0.8 here.
 
 The training objective is the fused loss (plus the unimodal losses, if passed). Fused ops: the encoder's
-gradients sit in one flat bank (see Method.backward_into_banks); Op 1 gives every tensor's sum of squares in one
+gradients sit in one flat bank (see Groups.backward_into_banks); Op 1 gives every tensor's sum of squares in one
 launch and Op 6 (segment_scale_) scales and adds the noise to all of them in one more.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 
 from modfuse import _checks as check
 from modfuse import ops
-from modfuse.banks import all_reduce_sum_
-from modfuse.methods import Method, register
+from modfuse.groups import NonFiniteGradient
+from modfuse.methods import Method, reduce_encoder_banks, register
 from modfuse.methods.utilization import true_class_probability
 
 
@@ -61,39 +61,53 @@ class OGMGE(Method):
     name = "ogm_ge"
     requires = ("logits", "target")
     modulates_encoders = True
+    plain_gradients = False
+    fsdp2 = False
 
-    def __init__(self, balancer, alpha: float = 0.8, ge: bool = True, continuous: bool = False,
+    def __init__(self, groups, alpha: float = 0.8, ge: bool = True, continuous: bool = False,
                  modulate: str = "matrices", start_epoch: int = 0, end_epoch: int = 50, seed: int = 0):
-        super().__init__(balancer)
-        if len(balancer.modalities) < 2:
+        super().__init__(groups)
+        if len(groups.modalities) < 2:
             raise ValueError("method 'ogm_ge' needs at least two modalities")
         if modulate not in ("matrices", "all"):
             raise ValueError(f"modulate must be 'matrices' (tensors with dim >= 2) or 'all', got {modulate!r}")
         self.alpha = check.positive("alpha", alpha)
+        for name, value in (("ge", ge), ("continuous", continuous)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        for name, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if end_epoch < start_epoch:
+            raise ValueError(f"end_epoch ({end_epoch}) must be >= start_epoch ({start_epoch})")
         self.ge, self.continuous, self.modulate = ge, continuous, modulate
         self.window = (start_epoch, end_epoch)  # modulation is active for epochs in [start, end]
-        device = balancer.trainable[0].device
+        device = groups.trainable[0].device
         self.generator = torch.Generator(device).manual_seed(seed)  # same seed on every rank: same noise
         self._k = None
 
     def backward(self, step, total):
-        banks = self.backward_into_banks(total)
-        if not self.window[0] <= self.balancer.epoch <= self.window[1]:
-            self._k = None
-            return
+        groups = self.groups
+        active = self.window[0] <= step.epoch <= self.window[1]
         y = step.target
         scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
-                              for m in self.balancer.modalities])
-        all_reduce_sum_(scores)
-        k = modulation(scores.double(), self.alpha, self.continuous)
+                              for m in groups.modalities]).double() if active else None
+        # one packed collective: the encoder banks, the other gradients and the scores (sums over samples)
+        banks = reduce_encoder_banks(groups, total, summed=[] if scores is None else [scores])
+        if not active:
+            self._k = None
+            return
+        k = modulation(scores, self.alpha, self.continuous)
         self._k = k
-        for u, m in enumerate(self.balancer.modalities):
+        for u, m in enumerate(groups.modalities):
             for layout, buf in banks[m]:
                 grad = buf[0]
                 mask = torch.tensor([self.modulate == "all" or p.dim() >= 2 for p in layout.params],
                                     device=grad.device)
                 scale = torch.where(mask, k[u].to(grad.device), torch.ones((), dtype=k.dtype, device=grad.device))
                 noise_std = self._noise_std(grad, layout, mask) if self.ge else None
+                if noise_std is not None and not bool(torch.isfinite(noise_std).all()):
+                    raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
                 ops.segment_scale_(grad, layout.offsets, scale, noise_std=noise_std, generator=self.generator)
 
     @staticmethod
@@ -110,10 +124,13 @@ class OGMGE(Method):
     def stats(self):
         if self._k is None:
             return {}
-        return {f"{m}/coefficient": float(v) for m, v in zip(self.balancer.modalities, self._k.tolist())}
+        return {f"{m}/coefficient": float(v) for m, v in zip(self.groups.modalities, self._k.tolist())}
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
+        generator = state.get("generator") if isinstance(state, dict) else None
+        if not isinstance(generator, torch.Tensor):
+            raise ValueError("the ogm_ge state needs its 'generator' state tensor")
+        self.generator.set_state(generator)

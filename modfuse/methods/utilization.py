@@ -59,10 +59,10 @@ class Utilization(Method):
     name = "utilization"
     requires = ("fused", "fused_logits", "target", "forward", "inputs")
 
-    def __init__(self, balancer, target=0.5, dominant: str | None = None, lambda_max: float = 1.0,
+    def __init__(self, groups, target=0.5, dominant: str | None = None, lambda_max: float = 1.0,
                  warmup_epochs: float = 10, steps_per_epoch: int | None = None, seed: int = 0):
-        super().__init__(balancer)
-        mods = balancer.modalities
+        super().__init__(groups)
+        mods = groups.modalities
         if len(mods) < 2:
             raise ValueError("method 'utilization' needs at least two modalities")
         if isinstance(target, dict):
@@ -81,23 +81,30 @@ class Utilization(Method):
         self.targets = torch.tensor(shares, dtype=torch.float64)
         self.lambda_max = check.positive("lambda_max", lambda_max)
         self.warmup_epochs = check.positive("warmup_epochs", warmup_epochs)
+        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
+                                            or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be None or an int >= 1, got {steps_per_epoch!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.steps_per_epoch = steps_per_epoch
+        self.epoch = 0             # epochs finished, as the Balancer counts them
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_in_epoch = 0
         self.empty_steps = 0       # steps where every d_j <= 0 (no term added)
         self._mu = None
 
     def lam(self) -> float:
-        t = self.balancer.epoch
+        t = self.epoch
         if self.steps_per_epoch:
             t += min(self.steps_in_epoch / self.steps_per_epoch, 1.0)
         return self.lambda_max * 1000.0 ** (min(t / self.warmup_epochs, 1.0) - 1.0)
 
     def objective(self, step):
+        self.epoch = step.epoch
         total = super().objective(step)
         self._generator_before = self.generator.get_state()  # restored if the step is skipped
         drops = soft_accuracy_drops(step.forward, step.inputs, step.fused_logits, step.target,
-                                    self.balancer.modalities, self.generator)
+                                    self.groups.modalities, self.generator)
         mu = utilization_shares(drops)
         self._mu = mu.detach()
         penalty = (mu - self.targets.to(mu.device, mu.dtype)).square().sum()
@@ -116,12 +123,13 @@ class Utilization(Method):
         self._mu = None
 
     def end_epoch(self, epoch):
+        self.epoch = epoch
         self.steps_in_epoch = 0
 
     def stats(self):
         if self._mu is None:
             return {}
-        out = {f"{m}/utilization": float(v) for m, v in zip(self.balancer.modalities, self._mu.tolist())}
+        out = {f"{m}/utilization": float(v) for m, v in zip(self.groups.modalities, self._mu.tolist())}
         out.update(lambda_=self.lam(), empty_steps=float(self.empty_steps))
         return out
 
@@ -130,5 +138,11 @@ class Utilization(Method):
                 "empty_steps": self.empty_steps}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-        self.steps_in_epoch, self.empty_steps = int(state["steps_in_epoch"]), int(state["empty_steps"])
+        generator = state.get("generator")
+        if not isinstance(generator, torch.Tensor):
+            raise ValueError("the utilization state needs its 'generator' state tensor")
+        counts = [state.get("steps_in_epoch"), state.get("empty_steps")]
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise ValueError(f"the utilization state's steps_in_epoch and empty_steps must be ints >= 0, got {counts}")
+        self.generator.set_state(generator)
+        self.steps_in_epoch, self.empty_steps = counts

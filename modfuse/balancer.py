@@ -17,88 +17,50 @@ decides how the groups' gradients are formed.
 
 Gradient accumulation works as with `loss.backward()`: a call adds its contribution to whatever `.grad` holds.
 A call is all-or-nothing: if it raises (or skips a non-finite loss), every `.grad` is left as it was before.
-Under torch.distributed (initialised, world size > 1) every rank ends with the same gradients: the moment banks
-(S1, S2, n) and the encoder gradient banks are all-reduced (one collective per bank) before the fused ops run, and
-plain gradients are averaged. Do not wrap the model in DistributedDataParallel as well.
+Under torch.distributed (a plain process group, DistributedDataParallel or FSDP2) every rank ends with the
+gradients one process would compute on the concatenated batch (modfuse.groups says how, README "Distributed").
+The Balancer composes the groups layer (modfuse.groups: parameter groups, banks, collectives) and a method.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from modfuse import methods as _methods
-from modfuse.banks import FlatParams, all_reduce_sum_, distributed
+from modfuse.groups import Groups, NonFiniteGradient, distributed
+from modfuse.methods import Step
 
 ON_NONFINITE = ("skip", "raise")
-
-
-@dataclass
-class Step:
-    """What one Balancer.backward call was given. Methods read the fields they need."""
-
-    fused: torch.Tensor | None
-    unimodal: dict[str, torch.Tensor]
-    logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    fused_logits: torch.Tensor | None = None
-    target: torch.Tensor | None = None
-    forward: Callable | None = None
-    inputs: Mapping | None = None
-
-    @staticmethod
-    def mean(loss: torch.Tensor) -> torch.Tensor:
-        return loss.mean() if loss.dim() else loss
-
-    def named_losses(self) -> list[tuple[str, torch.Tensor]]:
-        """The losses that were passed, named as error messages name them."""
-        return ([("fused", self.fused)] if self.fused is not None else []) + \
-            [(f"unimodal[{m!r}]", v) for m, v in self.unimodal.items()]
-
-    def objectives(self) -> list[tuple[str, torch.Tensor]]:
-        """The per-modality objectives in modality order, then the fused one: the rows of a moment bank."""
-        rows = list(self.unimodal.items())
-        if self.fused is not None:
-            rows.append(("fused", self.fused))
-        return rows
-
-
-def _named(model: torch.nn.Module, what, group: str, names: dict[int, str]) -> list[tuple[str, torch.nn.Parameter]]:
-    """Trainable (name, parameter) pairs of a module or an iterable of parameters, all belonging to `model`."""
-    params = what.parameters() if isinstance(what, torch.nn.Module) else what
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    out = []
-    for p in params:
-        if not isinstance(p, torch.nn.Parameter):
-            raise TypeError(f"{group} must be a module or an iterable of nn.Parameter, got an item of type "
-                            f"{type(p).__name__}")
-        if id(p) not in names:
-            raise ValueError(f"a parameter of {group} (shape {tuple(p.shape)}) is not a parameter of the model "
-                             "given to Balancer")
-        if p.requires_grad:
-            out.append((names[id(p)], p))
-    return out
 
 
 class Balancer:
     """Balanced multimodal training in one call per step (see the module docstring).
 
     Args:
-        model: the whole model; its trainable parameters outside `shared` and `encoders` get plain gradients.
+        model: the whole model (or the DistributedDataParallel / fully_shard module wrapping it); its trainable
+            parameters outside `shared` and `encoders` get plain gradients.
         encoders: modality name -> that modality's encoder (module or iterable of parameters). The names are the
             keys of the `unimodal` and `logits` dicts given to `backward`. At most 16 modalities.
         shared: parameters reached by every modality's objective (module or iterable), used by "calibrated".
         method: one of modfuse.methods.names(): "none", "calibrated", "ogm_ge", "greedy", "mmpareto",
             "utilization", "mimo", "i2m2".
-        on_nonfinite: a NaN/Inf loss either skips the step with a warning ("skip": backward returns False and
-            no gradient, method state or counter changes) or raises FloatingPointError ("raise").
+        on_nonfinite: a NaN/Inf loss, or a NaN/Inf in a gradient the Balancer wrote, either skips the step with a
+            warning ("skip": backward returns False and no gradient, method state or counter changes) or raises
+            FloatingPointError ("raise"). Under torch.distributed all ranks decide together.
+        replicas: under a plain process group, "check" (default) raises at construction if the parameters differ
+            between ranks, "broadcast" copies rank 0's, "trust" does neither (DDP and FSDP2 handle it themselves).
         **options: the method's options (see its class docstring), e.g. alpha=0.8 for "ogm_ge".
+
+    The Balancer is a context manager; `close()` (or leaving the `with` block) removes its hooks from the model
+    and gives DDP its own gradient sync back.
     """
 
     def __init__(self, model: torch.nn.Module, encoders: Mapping[str, object], shared=None,
-                 method: str = "calibrated", *, on_nonfinite: str = "skip", **options):
+                 method: str = "calibrated", *, on_nonfinite: str = "skip", replicas: str = "check", **options):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(encoders, Mapping) or not encoders:
@@ -107,42 +69,30 @@ class Balancer:
             raise ValueError(f"at most 16 modalities are supported, got {len(encoders)} encoders")
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
-        self.model = model
         self.on_nonfinite = on_nonfinite
-        self.names = names = {id(p): n for n, p in model.named_parameters()}
-        self.modalities = [str(m) for m in encoders]
-        self.encoders = {str(m): _named(model, e, f"encoders[{m!r}]", names) for m, e in encoders.items()}
-        self.shared = _named(model, shared, "shared", names) if shared is not None else []
-        owner: dict[int, str] = {}
-        for group, pairs in [(f"encoders[{m!r}]", ps) for m, ps in self.encoders.items()] + [("shared", self.shared)]:
-            for name, p in pairs:
-                if id(p) in owner:
-                    raise ValueError(f"parameter {name!r} is in both {owner[id(p)]} and {group}: each parameter "
-                                     "may belong to one group only")
-                owner[id(p)] = group
-        self.others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
-        self.trainable = [p for _, ps in self.encoders.items() for _, p in ps] + \
-                         [p for _, p in self.shared] + [p for _, p in self.others]
-        # The groups never change: lay each encoder out once, not on every step.
-        self.encoder_layouts = {m: self.layouts(pairs) for m, pairs in self.encoders.items()}
         self.steps = 0          # steps taken (skipped steps not counted)
-        self.skipped = 0        # steps skipped for a non-finite loss
+        self.skipped = 0        # steps skipped for a non-finite loss or gradient
         self.epoch = 0          # epochs finished (Balancer.end_epoch)
-        self.method = _methods.create(method, self, **options)
-        # A frozen encoder (the utilization paper trains fusion layers on frozen encoders) is fine unless the
-        # method acts on encoder gradients.
-        for m, pairs in self.encoders.items():
-            if not pairs and self.method.modulates_encoders:
-                raise ValueError(f"encoders[{m!r}] has no trainable parameters, but method {method!r} acts on "
-                                 "encoder gradients")
+        self.groups = groups = Groups(model, encoders, shared, replicas=replicas)
+        try:
+            self.method = _methods.create(method, groups, **options)
+            # A frozen encoder (the utilization paper trains fusion layers on frozen encoders) is fine unless the
+            # method acts on encoder gradients.
+            for m, pairs in groups.encoders.items():
+                if not pairs and self.method.modulates_encoders:
+                    raise ValueError(f"encoders[{m!r}] has no trainable parameters, but method {method!r} acts on "
+                                     "encoder gradients")
+        except BaseException:
+            groups.close()
+            raise
 
-    # -- groups as flat layouts -------------------------------------------------------------------------------
-    def layouts(self, pairs: list[tuple[str, torch.nn.Parameter]]) -> list[FlatParams]:
-        """Split (name, param) pairs into one FlatParams per (device, dtype), in order."""
-        groups: dict[tuple, list] = {}
-        for name, p in pairs:
-            groups.setdefault((p.device, p.dtype), []).append((name, p))
-        return [FlatParams([p for _, p in g], [n for n, _ in g]) for g in groups.values()]
+    # the groups, under the names the Balancer always had
+    model = property(lambda self: self.groups.model)
+    modalities = property(lambda self: self.groups.modalities)
+    encoders = property(lambda self: self.groups.encoders)
+    shared = property(lambda self: self.groups.shared)
+    others = property(lambda self: self.groups.others)
+    trainable = property(lambda self: self.groups.trainable)
 
     # -- the step ---------------------------------------------------------------------------------------------
     def backward(self, fused: torch.Tensor | None = None, unimodal: Mapping[str, torch.Tensor] | None = None, *,
@@ -162,23 +112,77 @@ class Balancer:
             forward: inputs dict -> fused logits, and inputs: the step's modality -> input dict (utilization
                 re-runs the model with one modality shuffled across the batch).
         """
-        step = self._step(fused, unimodal, logits, fused_logits, target, forward, inputs)
-        total = self.method.objective(step)
-        if not self._finite(step, total):
-            return False
+        groups = self.groups
+        method_state = copy.deepcopy(self.method.state_dict())
+        step, total, bad_loss, error = None, None, None, None
+        # Everything that may differ between ranks is decided locally first, then agreed in one tiny all-reduce,
+        # so that ranks raise or skip together instead of leaving the others waiting in a collective.
+        try:
+            step = self._step(fused, unimodal, logits, fused_logits, target, forward, inputs)
+            self.method.check(step)
+            total = self.method.objective(step)
+            bad_loss = self._nonfinite_loss(step, total)
+        except Exception as e:
+            if not distributed():
+                self.method.load_state_dict(method_state)
+                raise
+            error = e
+        rows = ([step.batch_size() if m in step.unimodal else 0 for m in self.modalities] +
+                [step.batch_size() if step.fused is not None else 0]) if step is not None else [0] * (len(self.modalities) + 1)
+        agreed = groups.agree(error is not None, bad_loss is not None, step.batch_size() if step else 0, rows)
+        if error is not None or agreed.failed_ranks:
+            self.method.load_state_dict(method_state)
+            if error is not None:
+                raise error
+            raise RuntimeError(f"Balancer.backward raised on rank(s) {agreed.failed_ranks} at step {self.steps} "
+                               "(see their error); this rank stops too, no gradient was changed")
+        names = self.modalities + ["fused"]
+        step.row_samples = dict(zip(names, agreed.rows))
+        step.row_ranks = dict(zip(names, agreed.ranks_with_row))
+        if agreed.nonfinite:
+            where = bad_loss or "loss of another rank"
+            return self._nonfinite(f"the {where} is NaN or Inf", method_state)
         saved = {p: p.grad for p in self.trainable}
         for p in self.trainable:
             p.grad = None
         try:
             self.method.backward(step, total)
             self._check_reached()
+            bad = groups.check_finite(self.trainable)
+            if bad:
+                raise NonFiniteGradient(f"the gradient of {bad[0]!r} is NaN or Inf")
+        except NonFiniteGradient as e:
+            for p, g in saved.items():
+                p.grad = g
+            return self._nonfinite(str(e), method_state)
         except BaseException:
             for p, g in saved.items():
                 p.grad = g
+            self.method.load_state_dict(method_state)
             raise
         self._add_back(saved)
+        groups.after_step()
         self.steps += 1
         return True
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation with one sync per optimizer step: calls inside the block keep their gradients
+        local (no collective); the first call after the block reduces them with its own, in one collective.
+        Only for methods whose gradients are plain (none, i2m2, mimo, utilization); the others raise."""
+        if not self.method.plain_gradients:
+            raise ValueError(f"method {type(self.method).name!r} forms its gradients from each step's statistics "
+                             "across ranks, so it must sync every call: accumulate without no_sync()")
+        if self.groups.fsdp:
+            raise ValueError("Balancer.no_sync() under FSDP2: use the model's set_requires_gradient_sync(False)")
+        self.groups.synced = False
+        try:
+            yield
+        finally:
+            self.groups.synced = True
+            # what the block accumulated locally is reduced by the next synced call
+            if distributed():
+                self.groups.pending = {id(p): p.grad for p in self.trainable if p.grad is not None}
 
     def end_epoch(self) -> None:
         """Tell the methods an epoch ended (greedy's window, utilization's lambda schedule)."""
@@ -194,28 +198,36 @@ class Balancer:
                 "method": type(self.method).name, "method_state": self.method.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """All or nothing: the state is validated in full (the method's part too) before anything changes."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from Balancer.state_dict(), got {type(state).__name__}")
         if state.get("method") != type(self.method).name:
             raise ValueError(f"the state is of method {state.get('method')!r}, this Balancer runs "
                              f"{type(self.method).name!r}")
-        self.steps, self.skipped, self.epoch = int(state["steps"]), int(state["skipped"]), int(state["epoch"])
-        self.method.load_state_dict(state["method_state"])
+        counters = {}
+        for key in ("steps", "skipped", "epoch"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+            counters[key] = value
+        before = copy.deepcopy(self.method.state_dict())
+        try:
+            self.method.load_state_dict(state.get("method_state", {}))
+        except BaseException:
+            self.method.load_state_dict(before)
+            raise
+        self.steps, self.skipped, self.epoch = counters["steps"], counters["skipped"], counters["epoch"]
 
-    # -- helpers for methods ----------------------------------------------------------------------------------
-    def sync_plain_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Average the gradients of `params` over ranks: one collective per (device, dtype) of flat gradients."""
-        if not distributed():
-            return
-        world = torch.distributed.get_world_size()
-        pairs = [(self.names[id(p)], p) for p in params if p.grad is not None]
-        for layout in self.layouts(pairs) if pairs else []:
-            flat = layout.grad_rows(1)[0]
-            layout.flatten_into(flat, [p.grad for p in layout.params])
-            all_reduce_sum_(flat).div_(world)
-            for p, v in zip(layout.params, layout.views(flat)):
-                p.grad.copy_(v)
+    def close(self) -> None:
+        """Remove the method's hooks from the model and give DDP its gradient sync back (idempotent)."""
+        self.method.close()
+        self.groups.close()
 
-    def name_of(self, p: torch.nn.Parameter) -> str:
-        return self.names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- internals --------------------------------------------------------------------------------------------
     def _step(self, fused, unimodal, logits, fused_logits, target, forward, inputs) -> Step:
@@ -229,7 +241,7 @@ class Balancer:
         # Keep modality order (it is the row order of the banks).
         unimodal = {m: unimodal[m] for m in self.modalities if m in unimodal}
         logits = {m: logits[m] for m in self.modalities if m in logits}
-        step = Step(fused, unimodal, logits, fused_logits, target, forward, inputs)
+        step = Step(fused, unimodal, logits, fused_logits, target, forward, inputs, epoch=self.epoch)
         losses = step.named_losses()
         if not losses and self.method.needs_loss:
             raise ValueError("backward needs a loss: pass fused= and/or unimodal=")
@@ -248,15 +260,19 @@ class Balancer:
                 raise ValueError(f"method {type(self.method).name!r} needs {need}= in backward: pass {what}")
         return step
 
-    def _finite(self, step: Step, total: torch.Tensor) -> bool:
-        """One host sync: are all losses finite? Skip (warn) or raise, naming the first bad one."""
+    def _nonfinite_loss(self, step: Step, total: torch.Tensor) -> str | None:
+        """One host sync: the name of the first NaN/Inf loss, or None."""
         named = step.named_losses() + [("total objective", total)]
         flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
         if bool(flags.all()):
-            return True
-        bad = next(name for (name, _), ok in zip(named, flags.tolist()) if not ok)
-        message = (f"the {bad} loss is NaN or Inf at step {self.steps}; ")
+            return None
+        return next(name + " loss" for (name, _), ok in zip(named, flags.tolist()) if not ok)
+
+    def _nonfinite(self, what: str, method_state: dict) -> bool:
+        """Apply on_nonfinite after the step's gradients were put back: raise, or skip with a warning."""
+        self.method.load_state_dict(method_state)
         self.method.on_skip()
+        message = f"{what} at step {self.steps}; "
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message + "no gradient was changed (on_nonfinite='raise')")
         self.skipped += 1
@@ -274,12 +290,16 @@ class Balancer:
                                      "step: remove it from the group, freeze it (requires_grad=False), or make the "
                                      "objectives depend on it")
 
-    @staticmethod
-    def _add_back(saved: dict) -> None:
-        """Gradient accumulation: add what .grad held before the call to this call's contribution."""
+    def _add_back(self, saved: dict) -> None:
+        """Gradient accumulation: add what .grad held before the call to this call's contribution (except what a
+        synced call already reduced together with its own, after no_sync())."""
+        groups = self.groups
+        consumed = set(groups.pending) if groups.synced else set()
+        if groups.synced:
+            groups.pending = {}
         news, olds = [], []
         for p, old in saved.items():
-            if old is None:
+            if old is None or id(p) in consumed:
                 continue
             if p.grad is None:
                 p.grad = old

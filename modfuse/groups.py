@@ -1,0 +1,318 @@
+"""The groups layer: parameter groups, gradient capture into flat banks, and every collective (DESIGN.md).
+
+Below the methods and above the ops: a method asks a `Groups` for gradients (plain, into flat banks, or per
+objective) and for reductions across ranks, and never sees how the model is wrapped or how many ranks there are.
+
+Wrappers (detected from the model given, or from the module inside it):
+- none, or a plain process group: the Balancer reduces everything itself.
+- DistributedDataParallel: DDP's own gradient sync is switched off for good (`require_backward_grad_sync = False`,
+  what `no_sync()` does for one block), because the Balancer's several backwards per step cannot pair with DDP's
+  one-backward reducer; the Balancer then reduces through its own packed collectives, so every gradient is
+  reduced exactly once. Buffers are still broadcast before each forward, as DDP does.
+- FSDP2 (`fully_shard`): gradients flow through FSDP2's own reduce-scatter (one backward per step); methods that
+  need more than one backward or the full gradient of a group raise at construction.
+
+Distributed rules, for every method: rank r's gradient counts N_r / N (N_r its batch size, N the sum over
+ranks), which is what one process on the concatenated batch gives for mean-reduced losses; all decisions that
+could differ between ranks (an error, a non-finite loss, a parameter reached on some ranks only) are agreed in
+one tiny all-reduce before any gradient collective, so that every rank skips or raises together.
+"""
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from modfuse.banks import FlatParams
+
+REPLICAS = ("check", "broadcast", "trust")
+
+
+class NonFiniteGradient(FloatingPointError):
+    """A gradient written by the Balancer is NaN or Inf (handled by the on_nonfinite policy)."""
+
+
+def distributed() -> bool:
+    """True when torch.distributed is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _named(names: dict[int, str], what, group: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable (name, parameter) pairs of a module or an iterable of parameters, all belonging to the model."""
+    params = what.parameters() if isinstance(what, torch.nn.Module) else what
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    out = []
+    for p in params:
+        if not isinstance(p, torch.nn.Parameter):
+            raise TypeError(f"{group} must be a module or an iterable of nn.Parameter, got an item of type "
+                            f"{type(p).__name__}")
+        if id(p) not in names:
+            raise ValueError(f"a parameter of {group} (shape {tuple(p.shape)}) is not a parameter of the model "
+                             "given to Balancer")
+        if p.requires_grad:
+            out.append((names[id(p)], p))
+    return out
+
+
+def _find_ddp(module: torch.nn.Module):
+    """The DistributedDataParallel that wraps `module`, if any (the user may hand us `ddp.module`).
+
+    DDP keeps no back-reference, so walk up who holds the module (its `_modules` dict, that dict's owner, ...)
+    a few levels, once, at construction.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    level, seen = [module], {id(module)}
+    for _ in range(3):
+        up = []
+        for obj in level:
+            for holder in gc.get_referrers(obj):
+                if isinstance(holder, DDP) and holder.module is module:
+                    return holder
+                if isinstance(holder, dict) and id(holder) not in seen:
+                    seen.add(id(holder))
+                    up.append(holder)
+        level = up
+    return None
+
+
+def unwrap(model: torch.nn.Module):
+    """(the module holding the parameters, the DDP wrapper or None, True under FSDP2)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ddp = model if isinstance(model, DDP) else (_find_ddp(model) if distributed() else None)
+    module = ddp.module if ddp is not None else model
+    fsdp = False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        fsdp = any(isinstance(m, FSDPModule) for m in module.modules())
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        pass
+    return module, ddp, fsdp
+
+
+@dataclass
+class Agreement:
+    """What all ranks agreed on before a step's gradient collectives."""
+
+    failed_ranks: list[int]
+    nonfinite: bool
+    batch: float           # N: the sum of the ranks' batch sizes
+    rows: list[float]      # per objective row: samples over all ranks that have it (0: absent everywhere)
+    ranks_with_row: list[int]
+
+
+class Groups:
+    """The parameter groups of a model and everything that moves their gradients.
+
+    `encoders` (modality -> module or parameters), `shared` (module or parameters) and the rest of the model's
+    trainable parameters ("others"), each laid out once as flat banks (`FlatParams`, one per device and dtype).
+    """
+
+    def __init__(self, model: torch.nn.Module, encoders, shared=None, *, replicas: str = "check"):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if replicas not in REPLICAS:
+            raise ValueError(f"replicas must be one of {', '.join(map(repr, REPLICAS))}, got {replicas!r}")
+        self.model, self.ddp, self.fsdp = unwrap(model)
+        self.wrapper = "FSDP2 (fully_shard)" if self.fsdp else ("DistributedDataParallel" if self.ddp else None)
+        self.names = names = {id(p): n for n, p in self.model.named_parameters()}
+        self.modalities = [str(m) for m in encoders]
+        self.encoders = {str(m): _named(names, e, f"encoders[{m!r}]") for m, e in encoders.items()}
+        self.shared = _named(names, shared, "shared") if shared is not None else []
+        owner: dict[int, str] = {}
+        for group, pairs in [(f"encoders[{m!r}]", ps) for m, ps in self.encoders.items()] + [("shared", self.shared)]:
+            for name, p in pairs:
+                if id(p) in owner:
+                    raise ValueError(f"parameter {name!r} is in both {owner[id(p)]} and {group}: each parameter "
+                                     "may belong to one group only")
+                owner[id(p)] = group
+        self.others = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in owner]
+        self.trainable = [p for _, ps in self.encoders.items() for _, p in ps] + \
+                         [p for _, p in self.shared] + [p for _, p in self.others]
+        self.encoder_layouts = {m: self.layouts(pairs) for m, pairs in self.encoders.items()}
+        self.shared_layouts = self.layouts(self.shared)
+        self.world = dist.get_world_size() if distributed() else 1
+        self.rank = dist.get_rank() if distributed() else 0
+        self.weight = 1.0 / self.world       # this rank's share of the step (N_r / N), set by agree()
+        self.synced = True                   # False inside Balancer.no_sync(): collectives are deferred
+        self.pending: dict[int, torch.Tensor] = {}   # id(p) -> local gradient accumulated under no_sync
+        if self.ddp is not None:
+            # DDP's reducer expects exactly one backward per forward; the Balancer runs several, so it reduces
+            # itself (see the module docstring). Restored by close().
+            self._ddp_sync = self.ddp.require_backward_grad_sync
+            self.ddp.require_backward_grad_sync = False
+        elif distributed() and not self.fsdp and replicas != "trust":
+            self._check_replicas(broadcast=replicas == "broadcast")
+
+    # -- layout -----------------------------------------------------------------------------------------------
+    def layouts(self, pairs: list[tuple[str, torch.nn.Parameter]]) -> list[FlatParams]:
+        """Split (name, param) pairs into one FlatParams per (device, dtype), in order."""
+        groups: dict[tuple, list] = {}
+        for name, p in pairs:
+            groups.setdefault((p.device, p.dtype), []).append((name, p))
+        return [FlatParams([p for _, p in g], [n for n, _ in g]) for g in groups.values()]
+
+    def name_of(self, p: torch.nn.Parameter) -> str:
+        return self.names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
+
+    # -- gradient capture (local; no collective) ---------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
+        """Plain backward of `loss` into the `.grad` of `params` (accumulating)."""
+        if self.fsdp:
+            # FSDP2's graph leaves are its unsharded parameters, so no inputs= restriction; its reduce-scatter
+            # averages over ranks, so scale by world * N_r / N for the per-sample rule.
+            (loss * (self.weight * self.world)).backward()
+        else:
+            torch.autograd.backward(loss, inputs=list(params))
+
+    @staticmethod
+    def grads(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> tuple:
+        """Gradients of `loss` w.r.t. `params` (None where unreached), keeping the graph for more backwards."""
+        return torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True)
+
+    def backward_into_banks(self, total: torch.Tensor, rows: int = 1):
+        """Plain backward of `total` with every encoder's gradients landing in one flat bank per encoder.
+
+        For each encoder (and each device/dtype inside it) a fresh [rows, D] buffer is made and the `.grad` of
+        its parameters are set to views of row 0 before the backward, so autograd accumulates straight into the
+        bank (DDP's gradient_as_bucket_view) and a method can then modulate all of an encoder's gradients with
+        one launch. Rows 1.. are free for the method. Returns (banks: modality -> [(layout, buffer)], reached:
+        ids of the parameters the backward reached). Nothing is reduced yet: see `reduce_banks_`.
+        """
+        banks = {m: [(layout, layout.grad_rows(rows)) for layout in layouts]
+                 for m, layouts in self.encoder_layouts.items()}
+        reached: set[int] = set()
+        handles = []
+        for layouts in banks.values():
+            for layout, buf in layouts:
+                for p, view in zip(layout.params, layout.views(buf[0])):
+                    p.grad = view
+                    handles.append(p.register_post_accumulate_grad_hook(lambda q: reached.add(id(q))))
+        try:
+            torch.autograd.backward(total, inputs=self.trainable)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return banks, reached
+
+    # -- collectives ---------------------------------------------------------------------------------------------
+    def agree(self, failed: bool, nonfinite: bool, batch: int, rows: Sequence[int]) -> Agreement:
+        """One tiny all-reduce: did any rank fail or see a non-finite loss, the batch sizes, the objective rows
+        present per rank. Sets this rank's weight N_r / N."""
+        if not distributed() or not self.synced:   # inside no_sync(): local decisions, no collective
+            return Agreement([0] if failed else [], nonfinite, float(batch), [float(r) for r in rows],
+                             [int(r > 0) for r in rows])
+        W = self.world
+        flags = torch.zeros(W + 2 + 2 * len(rows), dtype=torch.float64)
+        flags[self.rank] = float(failed)
+        flags[W] = float(nonfinite)
+        flags[W + 1] = float(batch)
+        flags[W + 2:W + 2 + len(rows)] = torch.tensor([float(r) for r in rows], dtype=torch.float64)
+        flags[W + 2 + len(rows):] = torch.tensor([float(r > 0) for r in rows], dtype=torch.float64)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        values = flags.tolist()
+        N = values[W + 1]
+        self.weight = batch / N if N > 0 else 1.0 / W
+        return Agreement([r for r in range(W) if values[r] > 0], values[W] > 0, N,
+                         values[W + 2:W + 2 + len(rows)], [int(v) for v in values[W + 2 + len(rows):]])
+
+    def all_reduce_(self, weighted: Iterable[torch.Tensor] = (), summed: Iterable[torch.Tensor] = ()) -> None:
+        """Sum tensors over ranks in place, `weighted` ones after scaling by this rank's N_r / N.
+
+        Everything is packed into one flat buffer per (device, dtype): one collective per dtype, whatever the
+        number of tensors. A no-op in a single process (and inside no_sync()).
+        """
+        if not distributed() or not self.synced:
+            return
+        items = [(t, True) for t in weighted] + [(t, False) for t in summed]
+        by_kind: dict[tuple, list] = {}
+        for t, w in items:
+            by_kind.setdefault((t.device, t.dtype), []).append((t, w))
+        for group in by_kind.values():
+            flat = torch.cat([(t.reshape(-1) * self.weight) if w else t.reshape(-1) for t, w in group])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            start = 0
+            for t, _ in group:
+                t.copy_(flat[start:start + t.numel()].view_as(t))
+                start += t.numel()
+
+    def grads_to_reduce(self, params: Sequence[torch.nn.Parameter]) -> tuple[list, list, torch.Tensor | None]:
+        """Flat buffers holding the local `.grad` of `params` (zeros where None, plus what no_sync() deferred)
+        and a reached flag per parameter, to pack into a step's collective; `finish_grads` writes them back."""
+        if not distributed() or self.fsdp or not params:
+            return [], [], None
+        layouts = self.layouts([(self.name_of(p), p) for p in params])
+        flats = []
+        for layout in layouts:
+            flat = layout.grad_rows(1)[0]
+            layout.flatten_into(flat, [p.grad for p in layout.params])
+            for p, view in zip(layout.params, layout.views(flat)):
+                if id(p) in self.pending:
+                    view.add_(self.pending[id(p)])
+            flats.append(flat)
+        first = layouts[0]
+        reached = torch.tensor([float(p.grad is not None or id(p) in self.pending) for layout in layouts
+                                for p in layout.params], dtype=first.dtype, device=first.device)
+        return list(zip(layouts, flats)), flats, reached
+
+    def finish_grads(self, pairs, reached: torch.Tensor | None) -> None:
+        """After the collective: reduced gradients back into `.grad`; None where no rank reached the parameter."""
+        if reached is None:
+            return
+        flags = iter(reached.tolist())
+        for layout, flat in pairs:
+            for p, view in zip(layout.params, layout.views(flat)):
+                p.grad = view if next(flags) > 0 else None
+
+    def reduce_grads_(self, params: Sequence[torch.nn.Parameter], weighted=(), summed=()) -> None:
+        """Weighted sum of the `.grad` of `params` over ranks, plus any other tensors, in one packed collective."""
+        if not self.synced:
+            return
+        pairs, flats, reached = self.grads_to_reduce(params)
+        self.all_reduce_(weighted=[*flats, *weighted], summed=[*summed, *([] if reached is None else [reached])])
+        self.finish_grads(pairs, reached)
+
+    def check_finite(self, params: Sequence[torch.nn.Parameter]) -> list[str]:
+        """Names of the parameters whose `.grad` holds a NaN or Inf: one fused max-abs per dtype, one sync."""
+        grads = [(p, p.grad) for p in params if p.grad is not None]
+        if not grads:
+            return []
+        local = [g.to_local() if hasattr(g, "to_local") else g for _, g in grads]
+        maxima = torch.stack([m.double().cpu() if m.device.type != "cpu" else m.double()
+                              for m in torch._foreach_norm(local, ord=float("inf"))])
+        bad = (~torch.isfinite(maxima)).nonzero().flatten().tolist()
+        return [self.name_of(grads[i][0]) for i in bad]
+
+    def _check_replicas(self, broadcast: bool) -> None:
+        """Parameters equal on every rank (as DDP checks at construction), or copied from rank 0."""
+        params = [p for _, p in self.model.named_parameters()]
+        for layout in self.layouts([(self.name_of(p), p) for p in params]):
+            mine = layout.grad_rows(1)[0]
+            layout.flatten_into(mine, [p.detach() for p in layout.params])
+            theirs = mine.clone()
+            dist.broadcast(theirs, src=0)
+            if broadcast:
+                with torch.no_grad():
+                    for p, view in zip(layout.params, layout.views(theirs)):
+                        p.copy_(view)
+                continue
+            differ = torch.tensor([0.0 if torch.equal(mine, theirs) else 1.0], dtype=torch.float64)
+            dist.all_reduce(differ)
+            if differ.item() > 0:
+                raise ValueError(f"the model's parameters differ between ranks ({int(differ.item())} rank(s) differ "
+                                 "from rank 0): seed the initialisation identically, or pass replicas='broadcast' "
+                                 "to copy rank 0's parameters")
+
+    def close(self) -> None:
+        """Give DDP its own gradient sync back."""
+        if self.ddp is not None and hasattr(self, "_ddp_sync"):
+            self.ddp.require_backward_grad_sync = self._ddp_sync
+            del self._ddp_sync
+
+    def after_step(self) -> None:
+        """DDP broadcasts buffers before a forward only when its backward sync is on; keep that behaviour."""
+        if self.ddp is not None:
+            self.ddp.require_forward_param_sync = True
