@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 # method -> its options for one process on both ranks' samples (the examples run calibrated with 2 microbatches
 # per rank, so 4 over the concatenated batch). Run in this order, one launch per framework.
-CASES = {"none": {}, "ogm_ge": {}, "calibrated": {"microbatches": 4}}
+CASES = {"none": {}, "ogm_ge": {}, "mmpareto": {}, "calibrated": {"microbatches": 4}}
 TIMEOUT = 240  # seconds for one 2-process run; the process groups themselves time out after 60 s
 
 
@@ -122,14 +122,7 @@ def accelerate_runs(tmp_path_factory):
                               str(EXAMPLES / "accelerate_ddp.py"), "--double"], tmp_path_factory.mktemp("accelerate"))
 
 
-# DDP + calibrated errors at step 2 before the Balancer knows about DDP (issue 11's table); strict, so that the
-# marker must go once the Balancer handles DDP.
-DDP_CALIBRATED = pytest.mark.xfail(strict=True, reason="issue 11: the Balancer's extra backwards trip DDP's "
-                                   "reducer ('Expected to have finished reduction in the prior iteration')")
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=DDP_CALIBRATED) if m == "calibrated" else m
-                                    for m in CASES])
+@pytest.mark.parametrize("method", list(CASES))
 def test_accelerate_ddp_two_cpu_processes_equal_one_process(method, accelerate_runs):
     records = accelerate_runs[method]
     assert not isinstance(records, str), records
