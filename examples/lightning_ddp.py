@@ -61,12 +61,13 @@ class BalancedModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def fit(method="calibrated", steps=3, batch_size=8, precision="32-true", **options):
+def fit(method="calibrated", steps=3, batch_size=8, precision="32-true", callbacks=(), **options):
     module = BalancedModule(make_net(), method, **options)
-    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=steps, precision=precision,
-                        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)))
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=steps, precision=precision, callbacks=list(callbacks),
+                        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, torch.utils.data.DataLoader(make_data(), batch_size=batch_size))
-    return module
+    return trainer, module
 # [/readme: lightning]
 
 
@@ -92,13 +93,8 @@ def main(argv=None):
     for method in args.methods.split(","):
         options = {"microbatches": args.microbatches} if args.microbatches and method == "calibrated" else {}
         record = Record()
-        module = BalancedModule(make_net(), method, **options)
         # (a second fit in the same processes reuses them: Lightning launches the other process only once)
-        trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=args.steps, precision=args.precision,
-                            strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
-                            callbacks=[record], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False)
-        trainer.fit(module, torch.utils.data.DataLoader(make_data(), batch_size=8))
+        trainer, module = fit(method, args.steps, precision=args.precision, callbacks=[record], **options)
         if args.out:
             params = {n: p.detach().clone() for n, p in module.net.named_parameters()}
             torch.save({"indices": record.indices, "grads": record.grads, "params": params,
