@@ -134,6 +134,7 @@ class Groups:
                          [p for _, p in self.shared] + [p for _, p in self.others]
         self.encoder_layouts = {m: self.layouts(pairs) for m, pairs in self.encoders.items()}
         self.shared_layouts = self.layouts(self.shared)
+        self.distributed = distributed()
         self.world = dist.get_world_size() if distributed() else 1
         self.rank = dist.get_rank() if distributed() else 0
         self.weight = 1.0 / self.world       # this rank's share of the step (N_r / N), set by agree()
@@ -238,6 +239,39 @@ class Groups:
             for t, _ in group:
                 t.copy_(flat[start:start + t.numel()].view_as(t))
                 start += t.numel()
+
+    def scatter_apply_gather(self, rows: torch.Tensor, apply, extra: torch.Tensor, extra_weighted: int):
+        """Shard-local reduction of an element-wise op (Op 4) over a [C, D] bank, in 2 collectives.
+
+        The bank is summed over ranks but each rank receives only its 1/W slice of D (reduce-scatter); `apply`
+        maps that [C, D/W] slice to ([D/W] result, [k] per-slice sums); one all-gather returns the whole [D]
+        result and every rank's sums. `extra` (flat, the bank's dtype; its first `extra_weighted` elements scaled
+        by N_r / N) is summed in the same two collectives. Bytes per rank, ring algorithms: (W-1)/W (C D + D)
+        against 2 (W-1)/W C D for an all-reduce of the bank. Returns (result [D], summed sums [k], extra).
+        """
+        W, (C, D), E = self.world, rows.shape, extra.numel()
+        Dw, Ew = -(-D // W), -(-E // W)
+        kw = {"dtype": rows.dtype, "device": rows.device}
+        send = torch.zeros(W, C * Dw + Ew, **kw)
+        padded = torch.zeros(C, W * Dw, **kw)
+        padded[:, :D] = rows
+        send[:, :C * Dw] = padded.view(C, W, Dw).transpose(0, 1).reshape(W, C * Dw)
+        tail = torch.zeros(W * Ew, **kw)
+        tail[:E] = extra
+        tail[:extra_weighted] *= self.weight
+        send[:, C * Dw:] = tail.view(W, Ew)
+        mine = torch.empty(C * Dw + Ew, **kw)
+        dist.reduce_scatter_tensor(mine, send.view(-1), op=dist.ReduceOp.SUM)
+        # the last rank's slice may hold padding (zeros): `apply` is told how many elements are real
+        real = max(0, min(D - self.rank * Dw, Dw))
+        out, sums = apply(mine[:C * Dw].view(C, Dw), real)
+        payload = torch.cat([out.to(rows.dtype), mine[C * Dw:], sums.to(rows.dtype).reshape(-1)])
+        gathered = torch.empty(W * payload.numel(), **kw)
+        dist.all_gather_into_tensor(gathered, payload)
+        gathered = gathered.view(W, -1)
+        result = gathered[:, :Dw].reshape(-1)[:D]
+        extra_out = gathered[:, Dw:Dw + Ew].reshape(-1)[:E]
+        return result, gathered[:, Dw + Ew:].sum(0), extra_out
 
     def grads_to_reduce(self, params: Sequence[torch.nn.Parameter]) -> tuple[list, list, torch.Tensor | None]:
         """Flat buffers holding the local `.grad` of `params` (zeros where None, plus what no_sync() deferred)

@@ -99,21 +99,31 @@ def local(rank, world, seed=1, sizes=None):
     return {m: x[part] for m, x in xs.items()}, y[part]
 
 
+# collective -> (which argument holds the data a rank sends, ring-algorithm factor)
+KINDS = {"all_reduce": (0, 2.0), "reduce_scatter_tensor": (1, 1.0), "all_gather_into_tensor": (0, 1.0)}
+
+
 class CollectiveCounter:
-    """Counts dist.all_reduce calls (the groups layer calls it through the module attribute)."""
+    """Counts the collectives the groups layer calls (through the torch.distributed module attributes) and the
+    bytes each rank sends with ring algorithms: all-reduce 2 (W-1)/W S, reduce-scatter and all-gather (W-1)/W S."""
 
     def __init__(self):
-        self.count, self._orig = 0, dist.all_reduce
+        self.count, self.bytes, self._orig = 0, 0.0, {k: getattr(dist, k) for k in KINDS}
 
     def __enter__(self):
-        def counting(*args, **kwargs):
-            self.count += 1
-            return self._orig(*args, **kwargs)
-        dist.all_reduce = counting
+        W = dist.get_world_size()
+        for kind, (arg, factor) in KINDS.items():
+            def counting(*args, _orig=self._orig[kind], _arg=arg, _factor=factor, **kwargs):
+                t = args[_arg]
+                self.count += 1
+                self.bytes += _factor * (W - 1) / W * t.numel() * t.element_size()
+                return _orig(*args, **kwargs)
+            setattr(dist, kind, counting)
         return self
 
     def __exit__(self, *exc):
-        dist.all_reduce = self._orig
+        for kind, orig in self._orig.items():
+            setattr(dist, kind, orig)
 
 
 def scenarios(rank, world, out):
@@ -139,9 +149,30 @@ def scenarios(rank, world, out):
             return (*train(net, net, balancer(net, net, case), xs, y), counter.count)
         run(f"plain/{case}", plain)
 
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # bytes per step: calibrated's shard-local path against an all-reduce of its banks, and DDP's plain step
+    def bytes_per_step():
+        out = {}
+        for label, case, extra in [("calibrated reduce_scatter", "calibrated-microbatch", {}),
+                                   ("calibrated all_reduce", "calibrated-microbatch", {"collectives": "all_reduce"}),
+                                   ("none", "none", {})]:
+            net = make_net()
+            b = balancer(net, net, case, **extra)
+            kw = losses(net, *local(rank, world))
+            with CollectiveCounter() as counter:
+                b.backward(**kw)
+            out[label] = (counter.count, counter.bytes, snapshot(net)[0])
+        net = make_net()
+        ddp = DDP(net)
+        kw = losses(ddp, *local(rank, world))
+        out["ddp"] = (None, 2.0 * (world - 1) / world * sum(p.numel() * 8 for p in net.parameters()), None)
+        (kw["fused"].mean() + sum(v.mean() for v in kw["unimodal"].values())).backward()
+        return out
+    run("bytes", bytes_per_step)
+
     # DDP, with and without gradient_as_bucket_view; the Balancer given the DDP module or its .module
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    from torch.nn.parallel import DistributedDataParallel as DDP
     for view in (False, True):
         for case in LINEAR + PER_RANK:
             for given in (("ddp", "module") if case == "calibrated-per_sample" else ("ddp",)):
@@ -325,8 +356,24 @@ def test_plain_process_group_equals_one_process(job, single, case):
         grads, params, collectives = ok(res[f"plain/{case}"], case)
         close(grads, single[case][0], f"rank {rank} .grad")
         close(params, single[case][1], f"rank {rank} parameters after 3 steps")
-        # one tiny agreement + one packed collective per step (the float64 model has one dtype)
-        assert collectives == 2, collectives
+        # one tiny agreement + one packed all-reduce per step (the float64 model has one dtype); calibrated:
+        # the agreement + reduce-scatter + all-gather (shard-local Op 4)
+        assert collectives == (3 if case.startswith("calibrated") else 2), collectives
+
+
+def test_shard_local_calibration_sends_fewer_bytes(job):
+    """Reduce-scatter + Op 4 on a 1/W slice + all-gather: the same gradient as an all-reduce of the whole banks,
+    for fewer bytes. Prints the bytes per step beside DDP's plain step (run with -s to see them)."""
+    world, results = job
+    for rank, res in enumerate(results):
+        table = ok(res["bytes"], "bytes")
+        scatter, reduce = table["calibrated reduce_scatter"], table["calibrated all_reduce"]
+        close(scatter[2], reduce[2], f"rank {rank}: reduce_scatter vs all_reduce", rtol=1e-12, atol=1e-15)
+        assert scatter[0] == 3 and reduce[0] == 2
+        assert scatter[1] < reduce[1]
+    ddp = table["ddp"][1]
+    print(f"\n{world} ranks, bytes per step and rank (ratio to DDP's one all-reduce of {ddp:.0f} B): " +
+          ", ".join(f"{k} {v[1]:.0f} ({v[1] / ddp:.2f}x, {v[0]} collectives)" for k, v in table.items() if k != "ddp"))
 
 
 @pytest.mark.parametrize("case", PER_RANK)

@@ -29,7 +29,9 @@ objective missing on a rank (a modality absent there) adds zeros with count 0 on
 Under FSDP2 the method raises at construction (its several backwards need the unsharded parameters).
 Options: moments, microbatches (8; SPEC: K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
-(False: run the statistics stage through torch.compile(fullgraph=True)).
+(False: run the statistics stage through torch.compile(fullgraph=True)), collectives ("reduce_scatter": under
+torch.distributed each rank runs Op 4 on its 1/W slice of the summed banks and one all-gather returns the result,
+(W-1)/W (2R + 1) D elements per rank against 2 (W-1)/W 2R D for "all_reduce" of the banks).
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class Calibrated(Method):
 
     def __init__(self, groups, moments: str = "microbatch", microbatches: int = 8, kappa: float = 1.0,
                  eps: float | None = None, evidence_max: float = 1e6, include_fused: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, collectives: str = "reduce_scatter"):
         super().__init__(groups)
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
@@ -71,6 +73,9 @@ class Calibrated(Method):
                              "reaches, e.g. a head applied to each embedding)")
         if not isinstance(include_fused, bool):
             raise ValueError(f"include_fused must be True or False, got {include_fused!r}")
+        if collectives not in ("reduce_scatter", "all_reduce"):
+            raise ValueError(f"collectives must be 'reduce_scatter' or 'all_reduce', got {collectives!r}")
+        self.collectives = collectives
         self.moments, self.K, self.include_fused = moments, microbatches, include_fused
         self.kappa = check.positive("kappa", kappa)
         self.evidence_max = check.positive("evidence_max", evidence_max, allow_inf=True)
@@ -134,21 +139,70 @@ class Calibrated(Method):
             groups.backward(total, others)
         flags = [torch.tensor([float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype,
                               device=bank.S1.device) for bank in banks]
-        # one packed collective: the moment banks (sums), the reached flags and the other parameters' gradients
-        groups.reduce_grads_(others, summed=[t for bank in banks for t in (bank.S1, bank.S2, bank.n)] + flags)
+        pairs, flats, others_reached = groups.grads_to_reduce(others)
+        scatter = (self.collectives == "reduce_scatter" and groups.distributed and groups.synced and len(banks) == 1
+                   and all(f.dtype == banks[0].S1.dtype for f in flats))
+        self._last = []
+        if scatter:
+            # Shard-local Op 4: each rank calibrates its 1/W slice of the summed banks; one all-gather returns
+            # the whole gradient (and the others' gradients, packed in the same two collectives).
+            bank = banks[0]
+            R = len(rows)
+            bank.n.copy_(torch.tensor([self._count(step, name, N) for name in names], dtype=bank.n.dtype))
+            extra = torch.cat([*flats, *flags, *([] if others_reached is None else [others_reached])])
+            eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
+
+            def op4(slice_, real):
+                out, stats = (self._compiled or calibrate)(slice_[:R].contiguous(), slice_[R:].contiguous(), bank.n,
+                                                           self.kappa, eps, self.evidence_max)
+                Dw = slice_.shape[1]
+                # per-slice sums; padding elements have zero belief and zero evidence
+                sums = torch.stack([stats[:, 0], stats[:, 1], stats[:, 2] * Dw, stats[:, 3] * Dw - (Dw - real)], 1)
+                return out, sums
+            out, sums, extra = groups.scatter_apply_gather(torch.cat([bank.S1, bank.S2]), op4, extra,
+                                                           extra_weighted=sum(f.numel() for f in flats))
+            start = 0
+            for flat in flats:
+                flat.copy_(extra[start:start + flat.numel()])
+                start += flat.numel()
+            flags = [extra[start:start + flags[0].numel()]]
+            start += flags[0].numel()
+            if others_reached is not None:
+                others_reached = extra[start:start + others_reached.numel()]
+            groups.finish_grads(pairs, others_reached)
+            D = bank.layout.numel
+            stats = sums.view(R, 4).clone()
+            stats[:, 2:] /= D
+            results = [(bank, out, stats)]
+        else:
+            # one packed all-reduce: the moment banks (sums), the reached flags and the other parameters' gradients
+            groups.all_reduce_(weighted=flats, summed=[t for bank in banks for t in (bank.S1, bank.S2, bank.n)] +
+                               flags + ([] if others_reached is None else [others_reached]))
+            groups.finish_grads(pairs, others_reached)
+            results = None
         for bank, flag in zip(banks, flags):
             for p, f in zip(bank.layout.params, flag.tolist()):
                 if f == 0:
                     raise ValueError(f"shared parameter {groups.name_of(p)!r} received no gradient from any "
                                      "objective of this step")
-        self._last = []
-        for bank in banks:
-            eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-            out, stats = (self._compiled or calibrate)(bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max)
+        if results is None:
+            results = []
+            for bank in banks:
+                eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
+                out, stats = (self._compiled or calibrate)(bank.S1, bank.S2, bank.n, self.kappa, eps,
+                                                           self.evidence_max)
+                results.append((bank, out, stats))
+        for bank, out, stats in results:
             out = out.to(bank.layout.dtype)
             for p, view in zip(bank.layout.params, bank.layout.views(out)):
                 p.grad = view
             self._last.append((names, stats))
+
+    def _count(self, step, name, N):
+        """n of a bank row over all ranks: samples (per_sample) or micro-batches (K per rank that has the row)."""
+        if self.moments == "per_sample":
+            return step.row_samples.get(name, N)
+        return self.K * step.row_ranks.get(name, 1)
 
     def _microbatch_moments(self, rows, N, banks, reached, step):
         params = [p for layout in self.layouts for p in layout.params]
