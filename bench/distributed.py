@@ -44,6 +44,7 @@ from modfuse import methods as _methods
 CASES = [
     ("none", "none", {}),
     ("calibrated, microbatch K=8", "calibrated", {"microbatches": 8}),
+    ("calibrated, K=8, all_reduce banks", "calibrated", {"microbatches": 8, "collectives": "all_reduce"}),
     ("calibrated, per_sample", "calibrated", {"moments": "per_sample"}),
     ("ogm_ge", "ogm_ge", {}),
     ("greedy", "greedy", {"window_steps": 10**9}),
