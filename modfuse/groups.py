@@ -20,6 +20,7 @@ one tiny all-reduce before any gradient collective, so that every rank skips or 
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -142,8 +143,10 @@ class Groups:
         self.pending: dict[int, torch.Tensor] = {}   # id(p) -> local gradient accumulated under no_sync
         if self.ddp is not None:
             # DDP's reducer expects exactly one backward per forward; the Balancer runs several, so it reduces
-            # itself (see the module docstring). Restored by close().
-            self._ddp_sync = self.ddp.require_backward_grad_sync
+            # itself (see the module docstring).
+            # Restored by close(), or when the Groups is collected (a discarded Balancer).
+            self._give_back = weakref.finalize(self, setattr, self.ddp, "require_backward_grad_sync",
+                                               self.ddp.require_backward_grad_sync)
             self.ddp.require_backward_grad_sync = False
         elif distributed() and not self.fsdp and replicas != "trust":
             self._check_replicas(broadcast=replicas == "broadcast")
@@ -342,9 +345,8 @@ class Groups:
 
     def close(self) -> None:
         """Give DDP its own gradient sync back."""
-        if self.ddp is not None and hasattr(self, "_ddp_sync"):
-            self.ddp.require_backward_grad_sync = self._ddp_sync
-            del self._ddp_sync
+        if self.ddp is not None:
+            self._give_back()   # runs once
 
     def after_step(self) -> None:
         """DDP broadcasts buffers before a forward only when its backward sync is on; keep that behaviour."""

@@ -90,14 +90,19 @@ class OGMGE(Method):
         groups = self.groups
         active = self.window[0] <= step.epoch <= self.window[1]
         y = step.target
-        scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
-                              for m in groups.modalities]).double() if active else None
+        scores = None
+        if active:
+            # packed with the gradients, so in their dtype when that is float32/float64 (one collective)
+            dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
+            scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
+                                  for m in groups.modalities]).to(dtype if dtype in (torch.float32, torch.float64)
+                                                                  else torch.float64)
         # one packed collective: the encoder banks, the other gradients and the scores (sums over samples)
         banks = reduce_encoder_banks(groups, total, summed=[] if scores is None else [scores])
         if not active:
             self._k = None
             return
-        k = modulation(scores, self.alpha, self.continuous)
+        k = modulation(scores.double(), self.alpha, self.continuous)
         self._k = k
         for u, m in enumerate(groups.modalities):
             for layout, buf in banks[m]:
