@@ -12,7 +12,7 @@ all-reduce):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

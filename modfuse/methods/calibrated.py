@@ -72,7 +72,7 @@ class Calibrated(Method):
             raise ValueError("method 'calibrated' needs shared= parameters (those every modality's objective "
                              "reaches, e.g. a head applied to each embedding)")
         if not isinstance(include_fused, bool):
-            raise ValueError(f"include_fused must be True or False, got {include_fused!r}")
+            raise TypeError(f"include_fused must be True or False, got {include_fused!r}")
         if collectives not in ("reduce_scatter", "all_reduce"):
             raise ValueError(f"collectives must be 'reduce_scatter' or 'all_reduce', got {collectives!r}")
         self.collectives = collectives

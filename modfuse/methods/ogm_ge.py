@@ -74,7 +74,7 @@ class OGMGE(Method):
         self.alpha = check.positive("alpha", alpha)
         for name, value in (("ge", ge), ("continuous", continuous)):
             if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         for name, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -137,5 +137,5 @@ class OGMGE(Method):
     def load_state_dict(self, state):
         generator = state.get("generator") if isinstance(state, dict) else None
         if not isinstance(generator, torch.Tensor):
-            raise ValueError("the ogm_ge state needs its 'generator' state tensor")
+            raise TypeError("the ogm_ge state needs its 'generator' state tensor")
         self.generator.set_state(generator)
