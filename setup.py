@@ -40,14 +40,15 @@ if with_cuda:
     arch_list = setup_helpers.cuda_arch_list(gpu_visible=torch.cuda.is_available())
     if arch_list:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-    print(f"modfuse: CUDA build, CUDA_HOME={cuda_home or '(torch decides)'}, "
-          f"TORCH_CUDA_ARCH_LIST={arch_list or '(the visible GPUs)'}", flush=True)
 
 from torch.utils import cpp_extension
 
 # The standard this torch's headers require (C++17 before torch 2.14, C++20 from 2.14), for g++ and nvcc alike.
 std = "-std=" + setup_helpers.cxx_standard(os.path.join(os.path.dirname(torch.__file__), "include"))
 arch_flags = os.environ.get("MODFUSE_ARCH_FLAGS", "-march=native").split()
+print(f"modfuse: building against torch {torch.__version__} with {std}, "
+      + (f"CUDA kernels, CUDA_HOME={cuda_home or '(torch decides)'}, TORCH_CUDA_ARCH_LIST={arch_list or '(the GPUs)'}"
+         if with_cuda else "CPU kernels only"), flush=True)
 cxx_flags = ["-O3", "-fopenmp", std, *arch_flags]
 define_macros = [("MODFUSE_ARCH_FLAGS", '"' + " ".join(arch_flags) + '"')]
 if with_cuda:
