@@ -7,50 +7,16 @@ torch._foreach_norm for Op 1), in one run, with ratios. Writes bench/results/<da
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 
 import modfuse
-from modfuse import reference
 from bench import cases
+from bench.harness import RESULTS, Timer, compiled, element_size, environment, write
+from modfuse import reference
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def compiled(fn):
-    """A fresh torch.compile per shape, so no case runs into dynamo's recompile limit and falls back to eager."""
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
-
-
-def element_size(dtype):
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def copy_ms(nbytes: int, repeats: int) -> float:
-    """A plain copy of the op's bytes: half read, half written, the floor for a memory-bound op."""
-    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    return median_ms(lambda: dst.copy_(src), repeats)
+TIMER = Timer("cpu")
 
 
 def run_case(rows, op, shape, dtype, nbytes, competitors, repeats, eager_repeats):
@@ -59,8 +25,8 @@ def run_case(rows, op, shape, dtype, nbytes, competitors, repeats, eager_repeats
     times = {}
     for name, fn in competitors.items():
         reps = eager_repeats if name == "eager reference" else repeats
-        times[name] = median_ms(fn, reps, warmup=1 if name == "eager reference" else 2)
-    times["copy (floor)"] = copy_ms(nbytes, repeats)
+        times[name] = TIMER.ms(fn, reps, warmup=1 if name == "eager reference" else 2)
+    times["copy (floor)"] = TIMER.copy_ms(nbytes, repeats)
     row["ms"] = times
     ours = times["modfuse"]
     row["ratio_vs_modfuse"] = {k: v / ours for k, v in times.items() if k != "modfuse"}
@@ -83,7 +49,7 @@ def main(argv=None):
     rows = []
     torch.manual_seed(0)
     print(f"modfuse {modfuse.__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-          f"{cpu_name()}\nratios: competitor time / modfuse time (higher = modfuse faster)\n", flush=True)
+          f"{environment()['cpu']}\nratios: competitor time / modfuse time (higher = modfuse faster)\n", flush=True)
 
     # Op 4, moments form: reads 2*M*D, writes D.
     for dtype in (torch.float32, torch.bfloat16):
@@ -144,31 +110,8 @@ def main(argv=None):
     write_results(rows, args.out, quick=args.quick)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": "cpu", "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "modfuse": modfuse.__version__, "python": platform.python_version(),
-        "gcc": gcc[0] if gcc else "unknown", "arch_flags": modfuse._C.cpu_arch_flags,
-    }
-
-
 def write_results(rows, out: Path, quick: bool):
     env = environment()
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{env['date'][:10]}-cpu{'-quick' if quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
     names = []
     for row in rows:
         names += [k for k in row["ms"] if k not in names]
@@ -188,8 +131,7 @@ def write_results(rows, out: Path, quick: bool):
                 cells.append(f"{row['ms'][name]:.2f} ({row['ratio_vs_modfuse'][name]:.2f}x)")
         lines.append(f"| {row['op']} | {row['shape']} | {row['dtype']} | {row['GBps_modfuse']:.1f} | "
                      + " | ".join(cells) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    write(out, env, rows, lines, "-quick" if quick else "")
 
 
 if __name__ == "__main__":

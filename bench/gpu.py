@@ -14,59 +14,27 @@ Times: CUDA events around each call, median over repeats, after warm-up.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 
 import modfuse
-from modfuse import reference
 from bench import cases
-from bench.__main__ import RESULTS, compiled, element_size
+from bench.harness import (
+    RESULTS,
+    Timer,
+    compiled,
+    device_name,
+    element_size,
+    environment,
+    size,
+)
+from bench.harness import write as write_results
+from modfuse import reference
 
 BARS = """Bars (issue 4): Op 4 >= 85% of copy bandwidth for D >= 16M, M = 2, 3, 4, fp32 and bf16, >= 5x eager and
 >= 1.5x torch.compile(reference); Op 1 at least as fast as torch._foreach_norm over the ResNet-18 set; Op 3 (T = 1)
 no slower than eager (gy*gy).T @ (x*x) + gy.T @ x, and T > 1 in O(O*I) memory."""
-
-
-def size(D: int) -> str:
-    return f"{size(D)}" if D >= 1 << 20 else str(D)
-
-
-class Timer:
-    def __init__(self, device: torch.device, repeats: int):
-        self.device, self.repeats = device, repeats
-
-    def ms(self, fn, warmup: int = 3) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    def copy_ms(self, nbytes: int) -> float:
-        src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=self.device)
-        dst = torch.empty_like(src)
-        out = self.ms(lambda: dst.copy_(src))
-        del src, dst
-        return out
 
 
 def backends(device: torch.device) -> list[str]:
@@ -99,13 +67,17 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repeats: checks the script runs")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per case (default 50 on a GPU; 2 on the CPU, where this run only proves "
+                             "that every line works at the real sizes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU here (use --smoke --device cpu to check the script)")
-    timer = Timer(device, 2 if args.smoke else (10 if args.quick else args.repeats))
+    on_gpu = device.type == "cuda"
+    default_repeats = (10 if args.quick else 50) if on_gpu else 2
+    timer = Timer(device, 2 if args.smoke else (args.repeats or default_repeats), warmup=3 if on_gpu else 1)
     M_ = 1 << 20
     sizes = [1 << 12] if args.smoke else ([16 * M_] if args.quick else [16 * M_, 64 * M_])
     ours_backends = backends(device)
@@ -217,36 +189,11 @@ def main(argv=None):
     run(rows, timer, "moments", f"M=3 K=4 D={size(sizes[0])}", torch.float32, (3 * 4 + 6) * sizes[0] * 4,
         {k: (lambda b=k.split()[1]: modfuse.moments(G, backend=b)) for k in cuda_only},
         {"eager reference": lambda: reference.moments(G), "torch.compile(reference)": lambda: fast(G)})
-    write(rows, args, device)
+    return write_table(rows, args, device)
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})"
-
-
-def environment(device: torch.device) -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "modfuse": modfuse.__version__, "python": platform.python_version()}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["driver"] = None
-    return env
-
-
-def write(rows, args, device):
+def write_table(rows, args, device):
     env = environment(device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
-    stem = args.out / f"{env['date'][:10]}-{tag}{'-smoke' if args.smoke else '-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "results": rows}, indent=1) + "\n")
     lines = [f"# modfuse GPU benchmark, {env['date']}", "",
              f"{env['device']}, driver {env['driver']}, CUDA {env['cuda']}, torch {env['torch']}, triton "
              f"{env['triton']}. Median ms over CUDA events; GB/s and % of a device-to-device copy of the same "
@@ -260,8 +207,7 @@ def write(rows, args, device):
         if "peak_extra_MiB" in r:
             others += "<br>peak MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_extra_MiB"].items())
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {ours} | {r['copy_GBps']:.0f} | {others} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    return write_results(args.out, env, rows, lines, "-smoke" if args.smoke else "-quick" if args.quick else "")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import modfuse
+from bench.harness import RESULTS, environment
 from modfuse.train.timing import op_timer
-from bench.__main__ import RESULTS, environment
 
 CASES = [  # (label, method, options, pass unimodal losses)
     ("none (fused only)", "none", {}, False),

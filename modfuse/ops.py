@@ -34,7 +34,7 @@ from modfuse import _checks as check
 from modfuse import reference
 
 try:
-    from modfuse import _C  # noqa: F401  (importing registers torch.ops.modfuse.*)
+    from modfuse import _C  # importing registers torch.ops.modfuse.*
 
     _IMPORT_ERROR: Exception | None = None
 except ImportError as error:  # pragma: no cover - exercised only in a broken install
@@ -42,9 +42,48 @@ except ImportError as error:  # pragma: no cover - exercised only in a broken in
     _IMPORT_ERROR = error
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
-# Ops with a Triton kernel (modfuse/triton/<op>.py); every op has a CPU and a CUDA registration.
-TRITON_OPS = ("segment_sq_norms", "linear_moments", "calibrated_aggregate", "gram")
+# Every op, by the name it has in every layer: torch.ops.modfuse.<op>, modfuse.reference.<op>, modfuse.ops.<op>.
+OPS = ("segment_sq_norms", "moments", "moments_accumulate_", "linear_moments", "calibrated_aggregate",
+       "calibrated_aggregate_samples", "gram", "weighted_sum", "segment_scale_")
 _warned: set[str] = set()
+
+
+def _compiled(op: str):
+    """torch.ops.modfuse.<op>: one registration per op, whose CPU or CUDA kernel torch picks by device."""
+    return lambda *args: getattr(torch.ops.modfuse, op)(*args)
+
+
+def _triton(op: str):
+    return lambda *args: getattr(torch.ops.modfuse_triton, op)(*args)
+
+
+def _triton_segment_sq_norms(x, offsets):
+    from modfuse.triton.segment_sq_norms import piece_tensors
+    return torch.ops.modfuse_triton.segment_sq_norms(x, *piece_tensors(offsets, x.device))
+
+
+# (op, backend) -> implementation, all called with the compiled op's arguments (the schema in csrc/ops.cpp), on
+# inputs the public function below has already checked. "auto" resolves to one of these (_backend).
+KERNELS = {
+    **{(op, "cpu"): _compiled(op) for op in OPS},
+    **{(op, "cuda"): _compiled(op) for op in OPS},
+    **{(op, "reference"): getattr(reference, op) for op in OPS},
+    # the reference takes offsets on the data's device, and noise after noise_std
+    ("segment_sq_norms", "reference"): lambda x, off: reference.segment_sq_norms(x, off.to(x.device)),
+    ("segment_scale_", "reference"): lambda x, off, scale, noise, noise_std: reference.segment_scale_(
+        x, off.to(x.device), scale, noise_std, noise=noise),
+    ("segment_sq_norms", "triton"): _triton_segment_sq_norms,
+    ("linear_moments", "triton"): _triton("linear_moments"),
+    ("calibrated_aggregate", "triton"): _triton("calibrated_aggregate"),
+    ("gram", "triton"): _triton("gram"),
+}
+# Ops with a Triton kernel (modfuse/triton/<op>.py); every op has a CPU and a CUDA registration.
+TRITON_OPS = tuple(op for op in OPS if (op, "triton") in KERNELS)
+
+
+def _run(op: str, backend: str, device: torch.device, *args):
+    """Run `op` on the backend that `backend` resolves to for tensors on `device`."""
+    return KERNELS[op, _backend(backend, device, op)](*args)
 
 
 def _cuda_built() -> bool:
@@ -137,15 +176,7 @@ def segment_sq_norms(x: torch.Tensor, offsets, *, check_finite: bool = False, ba
     off = check.offsets(offsets, x2.shape[1])
     if check_finite:
         check.finite_per_modality("x", x2)
-    x2 = x2.contiguous()
-    chosen = _backend(backend, x.device, "segment_sq_norms")
-    if chosen == "reference":
-        out = reference.segment_sq_norms(x2, off.to(x.device))
-    elif chosen == "triton":
-        from modfuse.triton.segment_sq_norms import piece_tensors
-        out = torch.ops.modfuse_triton.segment_sq_norms(x2, *piece_tensors(off, x.device))
-    else:
-        out = torch.ops.modfuse.segment_sq_norms(x2, off)
+    out = _run("segment_sq_norms", backend, x.device, x2.contiguous(), off)
     return out[0] if flat else out
 
 
@@ -161,10 +192,7 @@ def moments(G: torch.Tensor, *, check_finite: bool = False, backend: str = "auto
     check.tensor("G", G, dims=3)
     if check_finite:
         check.finite_per_modality("G", G)
-    G = G.contiguous()
-    if _backend(backend, G.device, "moments") == "reference":
-        return reference.moments(G)
-    return torch.ops.modfuse.moments(G)
+    return _run("moments", backend, G.device, G.contiguous())
 
 
 def moments_accumulate_(S1: torch.Tensor, S2: torch.Tensor, g: torch.Tensor, *, backend: str = "auto") -> None:
@@ -182,10 +210,7 @@ def moments_accumulate_(S1: torch.Tensor, S2: torch.Tensor, g: torch.Tensor, *, 
     check.same_device("S1", S1, S2=S2, g=g)
     check.contiguous_output("S1", S1)
     check.contiguous_output("S2", S2)
-    if _backend(backend, S1.device, "moments_accumulate_") == "reference":
-        reference.moments_accumulate_(S1, S2, g)
-    else:
-        torch.ops.modfuse.moments_accumulate_(S1, S2, g.contiguous())
+    _run("moments_accumulate_", backend, S1.device, S1, S2, g.contiguous())
 
 
 # Op 3 ---------------------------------------------------------------------------------------------------------
@@ -211,13 +236,7 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, bac
         lead = "[N]" if x.dim() == 2 else "[N, T]"
         raise ValueError(f"gy must match x in its leading dims {lead}: x is {tuple(x.shape)}, "
                          f"gy is {tuple(gy.shape)}")
-    chosen = _backend(backend, x.device, "linear_moments")
-    if chosen == "reference":
-        result = reference.linear_moments(x, gy)
-    elif chosen == "triton":
-        result = torch.ops.modfuse_triton.linear_moments(x, gy)
-    else:
-        result = torch.ops.modfuse.linear_moments(x, gy)
+    result = _run("linear_moments", backend, x.device, x, gy)
     return tuple(result) if bias else tuple(result[:2])
 
 
@@ -232,6 +251,19 @@ def _aggregate_args(kappa, eps, evidence_max, dtype):
 def _aggregate_result(result, return_uncertainty):
     out, stats, uncertainty = result[0], result[1], (result[2] if len(result) > 2 else None)
     return (out, stats, uncertainty) if return_uncertainty else (out, stats)
+
+
+def _counts(n, M: int, device, dtype) -> torch.Tensor:
+    """check.counts, or inside a torch.compile graph (which cannot branch on values) the same checks with the
+    value check as an in-graph assert that raises when the graph runs."""
+    if not (torch.compiler.is_compiling() and isinstance(n, torch.Tensor)):
+        return check.counts(n, M, device, dtype)
+    if n.dim() != 1 or n.numel() != M:
+        raise ValueError(f"n must have shape [M] = ({M},) (one count per modality of S1), got {tuple(n.shape)}")
+    counts = n.to(device=device, dtype=dtype)
+    torch._assert_async(((counts >= 2) & torch.isfinite(counts)).all(),
+                        "every modality needs a finite count n >= 2 (a sample variance needs two samples)")
+    return counts
 
 
 def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1.0, eps: float | None = None,
@@ -262,20 +294,13 @@ def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1
     check.modalities("S1", M)
     if D < 1:
         raise ValueError("S1 must have D >= 1 elements per modality, got D = 0")
-    counts = check.counts(n, M, S1.device, _acc(S1.dtype))
+    counts = _counts(n, M, S1.device, _acc(S1.dtype))
     kappa, eps, evidence_max = _aggregate_args(kappa, eps, evidence_max, S1.dtype)
     if check_finite:
         check.finite_per_modality("S1", S1)
         check.finite_per_modality("S2", S2)
-    S1, S2 = S1.contiguous(), S2.contiguous()
-    chosen = _backend(backend, S1.device, "calibrated_aggregate")
-    if chosen == "reference":
-        result = reference.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max, return_uncertainty)
-    elif chosen == "triton":
-        result = torch.ops.modfuse_triton.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max,
-                                                               return_uncertainty)
-    else:
-        result = torch.ops.modfuse.calibrated_aggregate(S1, S2, counts, kappa, eps, evidence_max, return_uncertainty)
+    result = _run("calibrated_aggregate", backend, S1.device, S1.contiguous(), S2.contiguous(), counts, kappa, eps,
+                  evidence_max, return_uncertainty)
     return _aggregate_result(result, return_uncertainty)
 
 
@@ -298,11 +323,8 @@ def calibrated_aggregate_samples(G: torch.Tensor, kappa: float = 1.0, eps: float
     kappa, eps, evidence_max = _aggregate_args(kappa, eps, evidence_max, G.dtype)
     if check_finite:
         check.finite_per_modality("G", G)
-    G = G.contiguous()
-    if _backend(backend, G.device, "calibrated_aggregate_samples") == "reference":
-        result = reference.calibrated_aggregate_samples(G, kappa, eps, evidence_max, return_uncertainty)
-    else:
-        result = torch.ops.modfuse.calibrated_aggregate_samples(G, kappa, eps, evidence_max, return_uncertainty)
+    result = _run("calibrated_aggregate_samples", backend, G.device, G.contiguous(), kappa, eps, evidence_max,
+                  return_uncertainty)
     return _aggregate_result(result, return_uncertainty)
 
 
@@ -322,13 +344,7 @@ def gram(X: torch.Tensor, *, check_finite: bool = False, backend: str = "auto") 
         raise ValueError(f"X must have 1 <= R <= {MAX_GRAM_ROWS} rows, got R = {X.shape[0]}")
     if check_finite:
         check.finite_per_modality("X", X)
-    X = X.contiguous()
-    chosen = _backend(backend, X.device, "gram")
-    if chosen == "reference":
-        return reference.gram(X)
-    if chosen == "triton":
-        return torch.ops.modfuse_triton.gram(X)
-    return torch.ops.modfuse.gram(X)
+    return _run("gram", backend, X.device, X.contiguous())
 
 
 # Op 6 ---------------------------------------------------------------------------------------------------------
@@ -357,10 +373,7 @@ def weighted_sum(X: torch.Tensor, w: torch.Tensor, *, check_finite: bool = False
     if check_finite:
         check.finite_per_modality("X", X)
         check.finite_per_modality("w", w.reshape(R, -1))
-    X, w = X.contiguous(), w.contiguous()
-    if _backend(backend, X.device, "weighted_sum") == "reference":
-        return reference.weighted_sum(X, w)
-    return torch.ops.modfuse.weighted_sum(X, w)
+    return _run("weighted_sum", backend, X.device, X.contiguous(), w.contiguous())
 
 
 def segment_scale_(x: torch.Tensor, offsets, scale, *, noise_std=None, generator: torch.Generator | None = None,
@@ -390,10 +403,7 @@ def segment_scale_(x: torch.Tensor, offsets, scale, *, noise_std=None, generator
         if generator is not None and generator.device != x.device:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
         noise = torch.randn(x.shape[0], generator=generator, dtype=acc, device=x.device)
-    if _backend(backend, x.device, "segment_scale_") == "reference":
-        reference.segment_scale_(x, off.to(x.device), scale, noise_std, noise=noise)
-    else:
-        torch.ops.modfuse.segment_scale_(x, off, scale, noise, noise_std)
+    _run("segment_scale_", backend, x.device, x, off, scale, noise, noise_std)
     return x
 
 

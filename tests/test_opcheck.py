@@ -1,8 +1,13 @@
-"""torch.library.opcheck on every op: schema, fake (meta) kernels, and torch.compile / AOT dispatch."""
+"""torch.library.opcheck on every op for every backend present: schema, fake (meta) kernels, and torch.compile /
+AOT dispatch, on the CPU kernels, the CUDA kernels (a GPU and a CUDA build) and the Triton kernels (a GPU, or
+Triton's interpreter on the CPU). Also: one list of op names, one (op, backend) table, all of it registered."""
+import importlib.util
+
 import pytest
 import torch
 
-import modfuse  # noqa: F401  (registers the ops)
+import modfuse
+from modfuse import ops
 
 g = torch.Generator().manual_seed(0)
 
@@ -26,10 +31,73 @@ CASES = {
 }
 
 
+
+def on(device, args):
+    """Arguments on `device`, except int64 offsets: the kernels read segment bounds on the host."""
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) and a.dtype != torch.int64 else a for a in args)
+
+
+def triton_args(name, args):
+    """The Triton ops' arguments: Op 1 takes its piece table as device tensors, Op 4 a resolved eps."""
+    from modfuse.triton.segment_sq_norms import piece_tensors
+    if name == "segment_sq_norms":
+        return (args[0], *piece_tensors(args[1], args[0].device))
+    if name == "calibrated_aggregate":
+        return (*args[:4], 1e-20, *args[5:])
+    return args
+
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ops._cuda_built()),
+                                reason="needs a GPU and a CUDA build of modfuse._C")
+triton_here = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1")
+BACKEND_PARAMS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
+
+
+def test_every_op_has_one_name_and_a_kernel_per_backend():
+    registered = {name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("modfuse::")}
+    assert registered == set(ops.OPS) == set(CASES)
+    for op in ops.OPS:
+        assert {b for (o, b) in ops.KERNELS if o == op} >= {"cpu", "cuda", "reference"}
+        assert callable(getattr(ops, op)) and callable(getattr(modfuse, op))
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"modfuse::{op}", "CPU")
+        if ops._cuda_built():
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"modfuse::{op}", "CUDA")
+    from modfuse import triton as triton_backend
+    assert set(ops.TRITON_OPS) == set(triton_backend.OPS)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_opcheck(name, dtype):
-    torch.library.opcheck(getattr(torch.ops.modfuse, name).default, CASES[name](dtype))
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_opcheck(name, dtype, backend):
+    # offsets stay on the host (the kernels read segment bounds there); every other tensor goes to the device
+    args = on(backend, CASES[name](dtype))
+    torch.library.opcheck(getattr(torch.ops.modfuse, name).default, args)
+
+
+@pytest.mark.skipif(not triton_here, reason="needs triton and a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", sorted(ops.TRITON_OPS))
+def test_opcheck_triton(name):
+    from modfuse import triton as triton_backend
+    triton_backend.load()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # float32 only: the interpreter has no bfloat16 arithmetic (the GPU matrix covers bfloat16). The interpreter
+    # also launches kernels eagerly on fake tensors (it reads their data), so the fake-tensor and AOT checks of
+    # the Triton ops need a GPU; on the CPU: schema and autograd registration.
+    args = triton_args(name, on(device, CASES[name](torch.float32)))
+    utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(getattr(torch.ops.modfuse_triton, name).default, args,
+                          **({} if utils is None else {"test_utils": utils}))
+
+def test_compiled_counts_check_raises_in_the_graph():
+    """Inside torch.compile the count check of Op 4 cannot branch on values: it is an in-graph assert."""
+    step = torch.compile(lambda S1, S2, n: ops.calibrated_aggregate(S1, S2, n)[0], fullgraph=True)
+    S1, S2 = rand(2, 40), rand(2, 40) ** 2 + 1
+    assert step(S1, S2, torch.full((2,), 3.0)).shape == (40,)
+    with pytest.raises(RuntimeError, match="count n >= 2"):
+        step(S1, S2, torch.tensor([3.0, 1.0]))
 
 
 def test_compiled_call_has_no_graph_break():

@@ -46,10 +46,7 @@ from modfuse.methods import Method, register
 
 
 def calibrate(S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, kappa: float, eps: float, evidence_max: float):
-    """Op 4 on validated banks: the compiled kernel where this build has one, else the public op (reference)."""
-    if S1.device.type == "cpu" and ops._C is not None:
-        out, stats, _ = torch.ops.modfuse.calibrated_aggregate(S1, S2, n, kappa, eps, evidence_max, False)
-        return out, stats
+    """Op 4 through the public op, so the backend choice and its argument checks apply here too."""
     return ops.calibrated_aggregate(S1, S2, n, kappa, eps, evidence_max)
 
 
