@@ -328,7 +328,7 @@ def test_cli_config_file_and_overrides(needs_mfeat, tmp_path, capsys):
 
 
 def test_config_validation():
-    with pytest.raises(ConfigError, match="--batch-size must be at least 2"):
+    with pytest.raises(ConfigError, match=r"batch_size \(--batch-size\) must be at least 2"):
         Config(batch_size=1).validate()
     with pytest.raises(ConfigError, match="--dominant 'x' is not one of --views"):
         Config(views=["kar", "mor"], dominant="x").validate()
@@ -353,3 +353,8 @@ def test_compare_table(needs_mfeat, tmp_path):
     again = compare(Config(**FAST), tmp_path / "c", seeds=2, jobs=1, progress=False, resume=True,
                                    only=["none-fused-only"])  # finished runs are reused, not retrained
     assert again["rows"][0]["per_seed"] == rows[0]["per_seed"]
+    with pytest.raises(RunError, match=r"was started with other options \(epochs 2, now 3\)"):
+        compare(Config(**{**FAST, "epochs": 3}), tmp_path / "c", seeds=2, jobs=1, progress=False, resume=True,
+                only=["none-fused-only"])  # a flag is honoured or refused, never silently ignored
+    for name in ("compare.json", "compare.md", "utilization.png", "noise.png", "summary.png"):
+        assert (tmp_path / "c" / name).is_file()

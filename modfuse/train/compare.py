@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from modfuse.train.config import Config, UNIMODAL_METHODS
-from modfuse.train.loop import RunError, run
+from modfuse.train.config import UNIMODAL_METHODS, Config
+from modfuse.train.loop import load_data, run
+from modfuse.train.rundir import RunError, claim, write_text
 
 # (label, Config overrides)
 GRID: list[tuple[str, dict]] = [
@@ -63,35 +63,42 @@ def _one(config_dict: dict, run_dir: str, resume: bool) -> dict:
 
 def compare(base: Config, out_dir: str | Path, *, seeds: int = 3, jobs: int | None = None, resume: bool = False,
             overwrite: bool = False, only: list[str] | None = None, progress: bool = True) -> dict:
+    """Every row of GRID (or those named in `only`), `seeds` seeds each, `jobs` runs at a time; table and plots."""
     out_dir = Path(out_dir)
-    if not resume:
-        if out_dir.exists() and any(out_dir.iterdir()):
-            if not overwrite:
-                raise RunError(f"comparison directory {out_dir} already holds files; pass --overwrite to replace "
-                               "them or --resume to reuse its finished runs")
-            if not (out_dir / "compare.json").is_file() and not (out_dir / "compare.started").is_file():
-                raise RunError(f"--overwrite refused: {out_dir} is not a modfuse comparison directory")
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.started").write_text(base.to_json())
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
+        raise RunError(f"--jobs must be a positive integer (runs at a time), got {jobs!r}")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise RunError(f"--seeds must be a positive integer, got {seeds!r}")
+    if base.options:
+        raise RunError("compare runs every method with its own options, so it takes no --option (options="
+                       f"{base.options}); run one method with `modfuse-train --method M --option ...` instead")
+    names = {slug(label) for label, _ in GRID} | {label for label, _ in GRID}
+    unknown = [o for o in only or () if o not in names]
+    if unknown:
+        raise RunError(f"--only: no row named {unknown[0]!r}; rows are: {', '.join(slug(lb) for lb, _ in GRID)}")
     grid = [(label, o) for label, o in GRID if not only or label in only or slug(label) in only]
-    if only and not grid:
-        raise RunError(f"--only matched no row; rows are: {', '.join(slug(l) for l, _ in GRID)}")
     tasks = []
     for label, overrides in grid:
         for seed in range(seeds):
             values = asdict(base)
             values.update(overrides, seed=base.seed + seed)
-            if overrides.get("options"):
-                values["options"] = {**base.options, **overrides["options"]}
             config = Config(**values).validate()
             run_dir = out_dir / slug(label) / f"seed{seed}"
-            finished = (run_dir / "summary.json").is_file()
-            tasks.append((label, seed, config, run_dir, finished))
+            tasks.append((label, seed, config, run_dir))
+    load_data(tasks[0][2])  # the data options are checked before the directory is touched
+    with claim(out_dir, "compare", resume=resume, overwrite=overwrite):
+        return _compare(base, out_dir, grid, tasks, seeds=seeds, jobs=jobs, resume=resume, progress=progress)
+
+
+def _compare(base: Config, out_dir: Path, grid: list, tasks: list, *, seeds: int, jobs: int | None, resume: bool,
+             progress: bool) -> dict:
+    write_text(out_dir / "compare.started", base.to_json())
     results: dict[tuple[str, int], dict] = {}
     pending = []
-    for label, seed, config, run_dir, finished in tasks:
-        if resume and finished:
+    for label, seed, config, run_dir in tasks:
+        if resume:
+            _same_options(config, run_dir)
+        if resume and (run_dir / "summary.json").is_file():
             results[(label, seed)] = json.loads((run_dir / "summary.json").read_text())
         else:
             pending.append((label, seed, config, run_dir))
@@ -116,14 +123,31 @@ def compare(base: Config, out_dir: str | Path, *, seeds: int = 3, jobs: int | No
     variances = results[(grid[0][0], 0)]["noise_variances"]
     report = {"base_config": json.loads(base.to_json()), "seeds": seeds, "dominant": dominant,
               "noise_variances": variances, "rows": rows, "wall_seconds": time.perf_counter() - start}
-    (out_dir / "compare.json").write_text(json.dumps(report, indent=1))
+    write_text(out_dir / "compare.json", json.dumps(report, indent=1))
     table = markdown_table(rows, dominant, seeds, variances)
-    (out_dir / "compare.md").write_text(table + "\n")
+    write_text(out_dir / "compare.md", table + "\n")
     from modfuse.train.plots import plot_comparison
     plot_comparison(rows, out_dir, dominant, variances)
     (out_dir / "compare.started").unlink(missing_ok=True)
     report["table"] = table
     return report
+
+
+def _same_options(config: Config, run_dir: Path) -> None:
+    """--resume reuses a row's runs only if they were started with the options asked for now."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} cannot be read ({err})") from None
+    now = json.loads(config.to_json())
+    differ = [k for k in now if isinstance(before, dict) and k in before and before[k] != now[k]]
+    if not isinstance(before, dict) or differ:
+        what = f"{differ[0]} {before[differ[0]]!r}, now {now[differ[0]]!r}" if differ else "not an object"
+        raise RunError(f"--resume: {path} was started with other options ({what}); resume with the same options, "
+                       "or start over with --overwrite")
 
 
 def summarise(label: str, summaries: list[dict]) -> dict:

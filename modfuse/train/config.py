@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import torch
 
 from modfuse.train.metrics import NOISE_VARIANCES
 from modfuse.train.models import FUSIONS
@@ -12,7 +15,8 @@ from modfuse.train.models import FUSIONS
 METHODS = ("none", "calibrated", "ogm_ge", "greedy", "mmpareto", "utilization", "mimo", "i2m2")
 # Methods whose objective includes each modality's own loss (so the comparison shows a fused+unimodal control).
 UNIMODAL_METHODS = ("calibrated", "mmpareto", "mimo")
-DEFAULT_VIEWS = {"mfeat": ["kar", "mor"], "basicmotions": ["accelerometer", "gyroscope"]}
+DEFAULT_VIEWS = {"mfeat": ["kar", "mor"], "basicmotions": ["accelerometer", "gyroscope"],
+                 "watch": ["accelerometer", "gyroscope"]}
 
 
 class ConfigError(ValueError):
@@ -21,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    data: str = "mfeat"                  # "mfeat", "basicmotions", or a path to .npz / .safetensors / a .npy dir
+    data: str = "mfeat"                  # "mfeat", "basicmotions", "watch", or a path to .npz / .safetensors / a .npy dir
     views: list[str] | None = None       # modalities to use (mfeat views, or array names); None: DEFAULT_VIEWS
     data_dir: str | None = None          # directory of the data files (default: the installed wheel's copy)
     test_fraction: float = 0.3
@@ -42,6 +46,7 @@ class Config:
     noise_variances: list[float] = field(default_factory=lambda: list(NOISE_VARIANCES))
     noise_draws: int = 3
     device: str = "cpu"
+    window: int = 25                     # --data watch: steps per segment (12.5 Hz, so 25 = 2 s)
 
     # -- derived -----------------------------------------------------------------------------------------
     def modalities(self) -> list[str]:
@@ -51,10 +56,35 @@ class Config:
         return self.method in UNIMODAL_METHODS if self.unimodal is None else bool(self.unimodal)
 
     def validate(self) -> "Config":
+        """Check every field's type and range (a config file can hold anything); raise ConfigError naming it."""
+        def bad(name: str, expected: str):
+            value = getattr(self, name)
+            flag = "option" if name == "options" else name.replace("_", "-")
+            raise ConfigError(f"{name} (--{flag}) must be {expected}, got {value!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("data", "method", "fusion", "device"):
+            if not isinstance(getattr(self, name), str):
+                bad(name, "a string")
+        for name in ("data_dir", "dominant"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                bad(name, "a string")
+        if self.views is not None and (not isinstance(self.views, list)
+                                       or not all(isinstance(v, str) for v in self.views)):
+            bad("views", "a list of modality names")
+        if self.unimodal is not None and not isinstance(self.unimodal, bool):
+            bad("unimodal", "true, false or null (a JSON boolean, not a string)")
+        if not isinstance(self.freeze_encoders, bool):
+            bad("freeze_encoders", "true or false (a JSON boolean, not a string)")
         if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            bad("method", f"one of {', '.join(METHODS)}")
         if self.fusion not in FUSIONS:
-            raise ConfigError(f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+            bad("fusion", f"one of {', '.join(FUSIONS)}")
         if (self.method == "i2m2") != (self.fusion == "i2m2"):
             raise ConfigError("--method i2m2 and --fusion i2m2 go together (the I2M2 product needs a classifier per "
                               f"modality), got method {self.method!r} with fusion {self.fusion!r}")
@@ -63,28 +93,51 @@ class Config:
         if self.dominant is not None and self.views and self.dominant not in self.views:
             raise ConfigError(f"--dominant {self.dominant!r} is not one of --views {self.views}")
         for name in ("hidden", "epochs", "batch_size", "noise_draws"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "a positive integer")
         if self.batch_size < 2:
-            raise ConfigError(f"--batch-size must be at least 2, got {self.batch_size}")
-        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < (1 if self.freeze_encoders else 0):
-            raise ConfigError(f"--pretrain-epochs must be a positive integer, got {self.pretrain_epochs!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not self.noise_variances or any(not v >= 0 for v in self.noise_variances):
-            raise ConfigError(f"--noise-variances must be non-negative numbers, got {self.noise_variances}")
-        if not isinstance(self.options, dict):
-            raise ConfigError(f"options must be a mapping of method option -> value, got {self.options!r}")
+            bad("batch_size", "at least 2")
+        if not is_int(self.pretrain_epochs) or self.pretrain_epochs < (1 if self.freeze_encoders else 0):
+            bad("pretrain_epochs", "a positive integer")
+        for name in ("seed", "split_seed"):
+            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) < 2 ** 63:
+                bad(name, "a non-negative integer")
+        if not is_int(self.window) or self.window < 8:
+            bad("window", "an integer of at least 8 (steps)")
+        if not is_real(self.test_fraction) or not 0 < self.test_fraction < 1:
+            bad("test_fraction", "a number strictly between 0 and 1")
+        if not is_real(self.lr) or not self.lr > 0:
+            bad("lr", "a positive number")
+        if not is_real(self.weight_decay) or not self.weight_decay >= 0:
+            bad("weight_decay", "a number >= 0")
+        if (not isinstance(self.noise_variances, list) or not self.noise_variances
+                or not all(is_real(v) and v >= 0 for v in self.noise_variances)):
+            bad("noise_variances", "a non-empty list of numbers >= 0")
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            bad("options", "a mapping of method option name -> value")
+        self.check_device()
         return self
+
+    def check_device(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device (--device) must be cpu, cuda or cuda:N, got {self.device!r}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: this torch has no CUDA device")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ConfigError(f"--device {self.device}: there are {torch.cuda.device_count()} CUDA devices")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "Config":
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a JSON/TOML object of options, got a {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

