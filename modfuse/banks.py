@@ -58,7 +58,7 @@ class FlatParams:
 class MomentBank:
     """Per-modality moment banks S1[M, D], S2[M, D] and counts n[M] of one FlatParams group.
 
-    Banks are float32 (float64 for float64 parameters) whatever the gradient dtype, as docs/math.md (Op 2) requires.
+    Banks are float32 (float64 for float64 parameters) whatever the gradient dtype, as Op 2 requires (docs/math.md).
     Summing them over ranks (modfuse.groups) gives the statistics of the global batch.
     """
 
