@@ -7,6 +7,7 @@ direct torch.ops.modfuse call cannot touch memory out of bounds.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Sequence
 
 import torch
@@ -74,7 +75,7 @@ def opinion_param(name: str, value: float, dtype: torch.dtype, *, subnormal_ok: 
         return
     info = torch.finfo(torch.float32)
     smallest = info.smallest_normal * info.eps if subnormal_ok else info.smallest_normal
-    as_float32 = float(torch.tensor(value, dtype=torch.float64).to(torch.float32))
+    as_float32 = ctypes.c_float(value).value  # rounded to float32 (inf past its range) without a tensor
     if not smallest <= as_float32 < float("inf"):
         raise ValueError(f"{name} = {value} becomes {as_float32} in float32, the accumulation dtype of "
                          f"{str(dtype).removeprefix('torch.')} inputs: pass {name} in [{smallest:.3g}, "
