@@ -173,10 +173,27 @@ def opinion_args(opt, dtype):
     return {"kappa": opt["kappa"], "evidence_max": opt["evidence_max"], "eps": eps}
 
 
-def check_aggregate(result, expected, dtype, D):
+def close_to_either(actual, ref64, ref_acc, dtype, scale):
+    """Element-wise: actual matches the float64 reference or the reference evaluated in the accumulation dtype.
+    Where the two references differ the answer depends on rounding: an element whose t2 sits at 1 with a tiny
+    kappa (b jumps from 0 to 1), or t2 overflowing float32 with evidence_max = inf (inf / inf = NaN)."""
+    a = actual.to("cpu", torch.float64)
+    atol = max(RTOL[dtype] * scale, torch.finfo(actual.dtype).smallest_normal)
+    ok = torch.zeros_like(a, dtype=torch.bool)
+    for ref in (ref64.double(), ref_acc.double()):
+        ok |= torch.isclose(a, ref, rtol=RTOL[dtype], atol=atol) | (a.isnan() & ref.isnan())
+    assert ok.all(), f"{int((~ok).sum())} elements match neither reference, e.g. {a[~ok][:3].tolist()}"
+
+
+def check_aggregate(result, expected, dtype, D, expected_acc=None):
     out, stats, u = result
     r_out, r_stats, r_u = expected
     assert out.dtype == u.dtype == dtype and stats.dtype == acc(dtype)
+    if expected_acc is not None:  # the element-wise outputs: either reference (see close_to_either)
+        scale = r_out.nan_to_num(0, 0, 0).abs().max().item() if r_out.numel() else 1.0
+        close_to_either(out, r_out, expected_acc[0], dtype, scale)
+        close_to_either(u, r_u, expected_acc[2], dtype, 1.0)
+        return
     check(out, r_out, dtype)
     check(u, r_u, dtype, scale=1.0)
     stat_rtol = 1e-9 if dtype == torch.float64 else 1e-4
@@ -203,7 +220,10 @@ def test_calibrated_aggregate(setting, M, D, K, signal, opt, layout):
     kw = opinion_args(opt, dtype)
     result = mf.calibrated_aggregate(strided(S1, layout), strided(S2, layout), n, return_uncertainty=True, **kw)
     expected = reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True, **kw)
-    check_aggregate(result, expected, dtype, D)
+    ill_conditioned = kw["kappa"] < 1e-6 or kw["evidence_max"] == float("inf")
+    expected_acc = reference.calibrated_aggregate(S1.to(acc(dtype)), S2.to(acc(dtype)), n, return_uncertainty=True,
+                                                  **kw) if ill_conditioned else None
+    check_aggregate(result, expected, dtype, D, expected_acc)
 
 
 @given(settings_for([torch.float32, torch.float64, torch.bfloat16]), st.sampled_from([1, 2, 3]),
@@ -214,7 +234,10 @@ def test_calibrated_aggregate_samples(setting, M, D, K, signal, opt, layout):
     kw = opinion_args(opt, dtype)
     result = mf.calibrated_aggregate_samples(strided(G, layout), return_uncertainty=True, **kw)
     expected = reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True, **kw)
-    check_aggregate(result, expected, dtype, D)
+    ill_conditioned = kw["kappa"] < 1e-6 or kw["evidence_max"] == float("inf")
+    expected_acc = reference.calibrated_aggregate_samples(G.to(acc(dtype)), return_uncertainty=True,
+                                                          **kw) if ill_conditioned else None
+    check_aggregate(result, expected, dtype, D, expected_acc)
 
 
 BOUNDARY = {"kappa": (1e-39, 1e-37, torch.finfo(torch.float32).smallest_normal),
