@@ -3,6 +3,7 @@ torch._foreach_norm for Op 1), in one run, with ratios. Writes bench/results/<da
 
     python -m bench            # the full grid of the foundation issue (a few minutes on 2 cores)
     python -m bench --quick    # D = 1M only, fewer repeats
+    python -m bench --small    # only the small-size rows (1 and 2 threads side by side)
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="D = 1M only and fewer repeats")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the .json and .md results go")
+    parser.add_argument("--small", action="store_true", help="only the small-size rows")
     args = parser.parse_args(argv)
     repeats = 5 if args.quick else args.repeats
     eager_repeats = 3
@@ -50,6 +52,9 @@ def main(argv=None):
     torch.manual_seed(0)
     print(f"modfuse {modfuse.__version__} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
           f"{environment()['cpu']}\nratios: competitor time / modfuse time (higher = modfuse faster)\n", flush=True)
+    small_cases(rows)
+    if args.small:
+        return write_results(rows, args.out, quick=True)
 
     # Op 4, moments form: reads 2*M*D, writes D.
     for dtype in (torch.float32, torch.bfloat16):
@@ -108,6 +113,47 @@ def main(argv=None):
                   "torch.compile(reference)": (lambda f=fast, a=args_: f(*a))}, repeats, eager_repeats)
 
     write_results(rows, args.out, quick=args.quick)
+
+
+def small_cases(rows, repeats=301):
+    """Small inputs (one small parameter, a few modalities), where thread start-up can cost more than the work:
+    every op at 1 and at 2 threads, each beside the eager reference at the same thread count."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, generator=g)
+    G = torch.randn(2, 5, 40, generator=g)
+    S1, S2 = reference.moments(G)
+    n = torch.full((2,), 5.0)
+    x1 = torch.randn(300, generator=g)
+    w = torch.tensor([0.5, 2.0])
+    lx, lgy = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+    ops = (
+        ("segment_sq_norms", "R=2 D=40", lambda: modfuse.segment_sq_norms(x, [0, 17, 40]),
+         lambda: reference.segment_sq_norms(x, torch.tensor([0, 17, 40]))),
+        ("moments", "M=2 K=5 D=40", lambda: modfuse.moments(G), lambda: reference.moments(G)),
+        ("moments_accumulate_", "M=2 D=40", lambda: modfuse.moments_accumulate_(S1, S2, x),
+         lambda: reference.moments_accumulate_(S1, S2, x)),
+        ("linear_moments", "N=8 I=16 O=4", lambda: modfuse.linear_moments(lx, lgy),
+         lambda: reference.linear_moments(lx, lgy)),
+        ("calibrated_aggregate", "M=2 D=40", lambda: modfuse.calibrated_aggregate(S1, S2, n),
+         lambda: reference.calibrated_aggregate(S1, S2, n)),
+        ("calibrated_aggregate_samples", "M=2 K=5 D=40", lambda: modfuse.calibrated_aggregate_samples(G),
+         lambda: reference.calibrated_aggregate_samples(G)),
+        ("gram", "R=2 D=40", lambda: modfuse.gram(x), lambda: reference.gram(x)),
+        ("weighted_sum", "R=2 D=40", lambda: modfuse.weighted_sum(x, w), lambda: reference.weighted_sum(x, w)),
+        ("segment_scale_", "D=300 noise", lambda: modfuse.segment_scale_(x1, [0, 100, 300], [1.0, 1.0],
+                                                                         noise_std=[0.01, 0.01]),
+         lambda: reference.segment_scale_(x1, torch.tensor([0, 100, 300]), torch.tensor([1.0, 1.0]),
+                                          torch.tensor([0.01, 0.01]))),
+    )
+    threads = torch.get_num_threads()
+    try:
+        for op, shape, ours, ref in ops:
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                run_case(rows, op, f"{shape} {t} thr", torch.float32, 0, {"modfuse": ours, "eager reference": ref},
+                         repeats, repeats)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_results(rows, out: Path, quick: bool):

@@ -7,6 +7,7 @@ direct torch.ops.modfuse call cannot touch memory out of bounds.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Sequence
 
 import torch
@@ -63,6 +64,22 @@ def positive(name: str, value, *, allow_inf: bool = False) -> float:
         bound = "> 0" if allow_inf else "finite and > 0"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
+
+
+def opinion_param(name: str, value: float, dtype: torch.dtype, *, subnormal_ok: bool) -> None:
+    """Op 4's kappa and eps must stay positive and finite in the accumulation dtype (issue 14 item 4). float32
+    (for float32, float16 and bfloat16 inputs) gives eps [1.4e-45, 3.4e38]; kappa needs a finite 1 / kappa (the
+    reference forms kappa / (e + kappa) through a reciprocal), so [1.18e-38, 3.4e38]. A smaller value would become
+    0 or give inf / NaN. float64 holds every positive finite number."""
+    if dtype == torch.float64:
+        return
+    info = torch.finfo(torch.float32)
+    smallest = info.smallest_normal * info.eps if subnormal_ok else info.smallest_normal
+    as_float32 = ctypes.c_float(value).value  # rounded to float32 (inf past its range) without a tensor
+    if not smallest <= as_float32 < float("inf"):
+        raise ValueError(f"{name} = {value} becomes {as_float32} in float32, the accumulation dtype of "
+                         f"{str(dtype).removeprefix('torch.')} inputs: pass {name} in [{smallest:.3g}, "
+                         f"{info.max:.3g}] (or float64 inputs)")
 
 
 def offsets(off, D: int) -> torch.Tensor:

@@ -245,6 +245,8 @@ def _aggregate_args(kappa, eps, evidence_max, dtype):
     kappa = check.positive("kappa", kappa)
     evidence_max = check.positive("evidence_max", evidence_max, allow_inf=True)
     eps = reference.default_eps(dtype) if eps is None else check.positive("eps", eps)
+    check.opinion_param("kappa", kappa, dtype, subnormal_ok=False)
+    check.opinion_param("eps", eps, dtype, subnormal_ok=True)
     return kappa, eps, evidence_max
 
 

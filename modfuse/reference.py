@@ -71,6 +71,8 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor):
 
     W_n = sum_t gy[n, t]^T x[n, t]; returns (sum_n W_n, sum_n W_n^2, sum_n b_n, sum_n b_n^2) with
     b_n = sum_t gy[n, t]. This oracle materialises every W_n (O(N*O*I) memory): fine for tests, never for use.
+    W_n^2 overflows only where the per-sample gradient itself exceeds sqrt(max) of the accumulation dtype
+    (~1.8e19 for float32); the kernels' T = 1 form (gy^2)^T (x^2) is balanced per sample to match that range.
     """
     acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
     if x.dim() == 2:
@@ -87,6 +89,10 @@ def calibration_opinions(mu, v, n, kappa=1.0, eps=None, evidence_max=1e6):
 
     Returns (e, b, u): evidence, belief and uncertainty of every modality and dimension. NaN propagates
     (torch.clamp keeps NaN), so a non-finite input poisons exactly the dimensions it touches.
+
+    Ranges (issue 14 item 4; modfuse.ops checks them): in float32 arithmetic eps must be >= 1.4e-45 (else it is 0
+    and a zero column gives 0 / 0) and kappa >= 1.18e-38 (`kappa / t` is computed as kappa * (1 / t), so 1 / kappa
+    must be finite); float64 takes any positive finite value. Where n mu^2 overflows, t2 = inf and e is capped.
     """
     if eps is None:
         eps = default_eps(mu.dtype)

@@ -3,6 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based suite (tests/test_properties.py): "ci" (the default) is a fixed, derandomized budget that keeps
+# the suite under a minute on 2 cores; `pytest --hypothesis-profile=long` explores far more (and new) examples.
+# The poisoning fixture below is function-scoped but idempotent, so reusing it across examples is fine.
+_common = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=20, derandomize=True, print_blob=True, **_common)
+settings.register_profile("long", max_examples=1000, print_blob=True, **_common)
+settings.load_profile("ci")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]

@@ -1,4 +1,6 @@
 """Op 4, both forms, against the reference, plus the properties docs/math.md lists."""
+import re
+
 import pytest
 import torch
 
@@ -219,3 +221,72 @@ def test_deterministic_across_runs_and_thread_counts(gen):
         torch.set_num_threads(threads)
     for a, b in zip(first, single):
         assert torch.equal(a, b)
+
+
+# ---- the edges of the documented ranges (issue 14 item 4) -----------------------------------------------------
+def _zero_column_banks(gen, dtype):
+    """Moment banks whose modality 1 is all zero at elements 3 and 10 (a dead unit: mean 0, variance 0)."""
+    S1, S2 = banks(gradient_samples(3, 5, 13, torch.float64, gen), dtype)
+    S1[1, [3, 10]] = 0
+    S2[1, [3, 10]] = 0
+    return S1, S2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("kwargs", [{"eps": 1e-40}, {"kappa": 1e-20}, {"eps": 1e-40, "kappa": 1e-20},
+                                    {"kappa": 1.2e-38}, {"eps": 1.4e-45}, {"kappa": 1.2e-38, "eps": 1.4e-45}])
+def test_tiny_eps_or_kappa_on_a_zero_column_gives_no_nan(kwargs, dtype, gen, target):
+    """1 / (e n + kappa (v + eps)) overflowed for a zero column: NaN where the reference gives belief 0."""
+    S1, S2 = _zero_column_banks(gen, dtype)
+    n = torch.full((3,), 5.0)
+    out, stats, u = mf.calibrated_aggregate(target(S1), target(S2), n, return_uncertainty=True,
+                                            backend=target.backend, **kwargs)
+    r_out, _, r_u = reference.calibrated_aggregate(S1.to(_acc(dtype)), S2.to(_acc(dtype)), n,
+                                                         return_uncertainty=True, **kwargs)
+    assert out.isfinite().all() and u.isfinite().all() and stats.isfinite().all()
+    assert_close(out, r_out, dtype)
+    assert_close(u, r_u, dtype, scale=1.0)
+    target.skip_unless("calibrated_aggregate_samples")
+    G = gradient_samples(3, 5, 13, dtype, gen)
+    G[1, :, [3, 10]] = 0
+    out, _, u = mf.calibrated_aggregate_samples(target(G), return_uncertainty=True, backend=target.backend, **kwargs)
+    r_out, _, r_u = reference.calibrated_aggregate_samples(G.to(_acc(dtype)), return_uncertainty=True, **kwargs)
+    assert out.isfinite().all() and u.isfinite().all()
+    assert_close(out, r_out, dtype)
+    assert_close(u, r_u, dtype, scale=1.0)
+
+
+@pytest.mark.parametrize("name,smallest,below", [("kappa", "1.18e-38", 1e-39), ("eps", "1.4e-45", 1e-46)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kappa_and_eps_outside_float32_are_rejected(name, smallest, below, dtype):
+    """The other side of the range: a value that float32 (the accumulation dtype) would turn into 0, a subnormal
+    kappa (whose reciprocal overflows) or inf is refused, naming the argument and the range."""
+    S1, S2 = torch.ones(2, 3, dtype=dtype), torch.full((2, 3), 3.0, dtype=dtype)
+    for value in (below, 1e39):
+        with pytest.raises(ValueError, match=rf"{name} = {re.escape(str(value))} becomes .* in float32.*pass {name} "
+                                             rf"in \[{smallest}"):
+            mf.calibrated_aggregate(S1, S2, [2, 2], **{name: value})
+        with pytest.raises(ValueError, match=rf"{name} = {re.escape(str(value))} becomes"):
+            mf.calibrated_aggregate_samples(S1[:, None].expand(2, 2, 3), **{name: value})
+    # float64 keeps every positive finite value
+    out, _ = mf.calibrated_aggregate(S1.double(), S2.double(), [2, 2], **{name: 1e-300})
+    assert out.isfinite().all()
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("magnitude", [1e18, 1e19, 1.8e19])
+def test_huge_gradients_match_the_reference(magnitude, gen, target):
+    """n mu^2 overflows float32 from |g| ~ 1e19 (K = 5): the evidence is then capped, as in the reference, not
+    0 or NaN."""
+    target.skip_unless("calibrated_aggregate_samples")
+    G = (magnitude * (1 + 0.01 * torch.randn(2, 5, 64, generator=gen, dtype=torch.float64))).float()
+    G[1] *= -0.5
+    out, stats, u = mf.calibrated_aggregate_samples(target(G), return_uncertainty=True, backend=target.backend)
+    r_out, r_stats, r_u = reference.calibrated_aggregate_samples(G, return_uncertainty=True)  # float32, as documented
+    assert out.isfinite().all() and (out.abs() > 0.4 * magnitude).all()  # b ~ 1: out ~ mu_0 + mu_1
+    assert_close(out, r_out, torch.float32)
+    assert_close(u, r_u, torch.float32, scale=1.0)
+    torch.testing.assert_close(stats[:, 2:], r_stats[:, 2:])

@@ -54,3 +54,24 @@ def test_mixed_autocast_dtypes(gen, target):
     r = reference.linear_moments(x.double(), gy.double())
     assert S1.dtype == torch.float32
     assert_close(S2, r[1], torch.float32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gy_scale,x_scale", [(1e20, 1e-10), (1e-10, 1e20), (1e25, 1e-22), (3e-30, 1e21)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_squares_do_not_overflow_where_the_products_are_finite(gy_scale, x_scale, dtype, gen, target):
+    """Issue 14 item 4: T = 1 formed (gy^2)^T (x^2), inf where the reference's W_n^2 = (gy_n x_n)^2 is finite."""
+    x = (torch.randn(9, 7, generator=gen, dtype=torch.float64) * x_scale).to(dtype)
+    gy = (torch.randn(9, 5, generator=gen, dtype=torch.float64) * gy_scale).to(dtype)
+    x[4] *= 1e-3  # samples of different magnitudes get their own balancing shift
+    S1, S2 = mf.linear_moments(target(x), target(gy), backend=target.backend)
+    r = reference.linear_moments(x.double(), gy.double())
+    assert S2.isfinite().all()
+    assert_close(S1, r[0], torch.float32, rtol=1e-5)
+    assert_close(S2, r[1], torch.float32, rtol=1e-5)
+
+
+def test_squares_overflow_only_where_the_reference_does(gen, target):
+    x = torch.full((3, 4), 1e10)
+    gy = torch.full((3, 2), 1e10)  # W = 1e20: W^2 = 1e40 is inf in float32, in the reference too
+    _, S2 = mf.linear_moments(target(x), target(gy), backend=target.backend)
+    assert torch.isinf(S2).all() and torch.isinf(reference.linear_moments(x, gy)[1]).all()

@@ -67,3 +67,19 @@ def test_moments_nan_policy(gen):
     assert S1.isnan().sum() == 1 and S2.isnan().sum() == 1
     with pytest.raises(ValueError, match="G has NaN or Inf values in modality 1"):
         mf.moments(G, check_finite=True)
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_accumulate_agrees_exactly_with_the_reference(dtype, bank_dtype, gen, target):
+    """Issue 14 item 9: S2 += g^2 contracted into fma(g, g, S2) differed from the reference by 1 ulp; banks that
+    already hold sums (not zeros) expose it."""
+    target.skip_unless("moments_accumulate_")
+    M, D = 3, 40_003
+    S1 = torch.randn(M, D, generator=gen, dtype=torch.float64).to(bank_dtype)
+    S2 = (torch.rand(M, D, generator=gen, dtype=torch.float64) * 7).to(bank_dtype)
+    g = (torch.randn(M, D, generator=gen) * 1.37).to(dtype)
+    S1t, S2t = target(S1.clone()), target(S2.clone())
+    mf.moments_accumulate_(S1t, S2t, target(g), backend=target.backend)
+    reference.moments_accumulate_(S1, S2, g)
+    assert torch.equal(S1t.cpu(), S1) and torch.equal(S2t.cpu(), S2)

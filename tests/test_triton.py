@@ -141,3 +141,28 @@ def test_backend_choice():
         mf.moments(x[None], backend="triton")
     # auto never picks the interpreter for CPU tensors: the C++ kernels run them
     torch.testing.assert_close(mf.gram(x), mf.gram(x, backend="cpu"))
+
+
+def test_linear_moments_squares_do_not_overflow(gen):
+    """Issue 14 item 4 in the Triton T = 1 kernel: gy^2 and x^2 balanced per sample, as on the CPU."""
+    x = torch.randn(40, 33, generator=gen) * 1e-10
+    gy = torch.randn(40, 35, generator=gen) * 1e20
+    x[3] *= 1e-3  # samples of different magnitudes get their own shift
+    _, S2 = mf.linear_moments(x, gy, backend="triton")
+    r = reference.linear_moments(x.double(), gy.double())
+    assert S2.isfinite().all()
+    assert_close(S2, r[1], torch.float32, rtol=1e-5)
+    assert_close(mf.linear_moments(x, gy, backend="cpu")[1], S2.double(), torch.float32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": 1e-40}, {"kappa": 1e-20}, {"kappa": 1.2e-38, "eps": 1.4e-45}])
+def test_calibrated_aggregate_tiny_eps_or_kappa_on_a_zero_column(kwargs, gen):
+    S1, S2 = reference.moments(gradient_samples(3, 5, 1500, torch.float64, gen))
+    S1, S2 = S1.float(), S2.float()
+    S1[1, 7:20] = 0
+    S2[1, 7:20] = 0
+    out, stats, u = mf.calibrated_aggregate(S1, S2, [5] * 3, return_uncertainty=True, backend="triton", **kwargs)
+    r_out, _, r_u = reference.calibrated_aggregate(S1, S2, [5] * 3, return_uncertainty=True, **kwargs)
+    assert out.isfinite().all() and u.isfinite().all() and stats.isfinite().all()
+    assert_close(out, r_out, torch.float32)
+    assert_close(u, r_u, torch.float32, scale=1.0)

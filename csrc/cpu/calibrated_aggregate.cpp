@@ -30,8 +30,8 @@ struct StatsAcc {
 // uncertainties uu and that modality's stats.
 template <typename X, typename A>
 inline void accumulate(X mu, X ssd, A n, A inv_nm1, const Params<A>& p, X& o, X& uu, StatsAcc<X>& st) {
-  X b, u, en;
-  opinion(mu, ssd, n, inv_nm1, p, b, u, en);
+  X b, u, e;
+  opinion(mu, ssd, n, inv_nm1, p, b, u, e);
   const X bmu = b * mu;
   const X zero = X{};
   o += bmu;
@@ -39,7 +39,7 @@ inline void accumulate(X mu, X ssd, A n, A inv_nm1, const Params<A>& p, X& o, X&
   st.mu2 += mu * mu;
   st.bmu2 += bmu * bmu;
   st.b += b;
-  st.zero_evidence += en == zero ? zero + A(1) : zero;
+  st.zero_evidence += e == zero ? zero + A(1) : zero;
 }
 
 template <typename A>
@@ -103,7 +103,7 @@ void calibrated_aggregate(const T* S1, const T* S2, const acc_t<T>* n, int64_t M
   }
   const int64_t nchunks = (D + kChunk - 1) / kChunk;
   std::vector<double> partials(nchunks * M * 4);
-  parallel_chunks(D, kChunk, [&](int64_t c, int64_t begin, int64_t end) {
+  parallel_chunks(D, kChunk, 2 * M * D, [&](int64_t c, int64_t begin, int64_t end) {
     // Elements outer, modalities inner: all 2M input streams advance together through contiguous memory
     // (prefetch-friendly) and the output and uncertainty of a tile stay in registers.
     StatsAcc<Vec<A>> tiles[kMaxModalities];
@@ -137,7 +137,7 @@ void calibrated_aggregate_samples(const T* G, int64_t M, int64_t K, int64_t D, a
   std::vector<double> partials(nchunks * M * 4);
   constexpr int V = kLanes<A>;
   const A inv_K = A(1) / A(K), inv_Km1 = A(1) / A(K - 1);
-  parallel_chunks(D, kSamplesChunk, [&](int64_t c, int64_t begin, int64_t end) {
+  parallel_chunks(D, kSamplesChunk, M * K * D, [&](int64_t c, int64_t begin, int64_t end) {
     const int64_t len = end - begin;
     A o[kSamplesChunk], uu[kSamplesChunk], mu[kSamplesChunk], ssd[kSamplesChunk];
     std::fill(o, o + len, A(0));

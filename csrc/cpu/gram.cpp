@@ -16,7 +16,7 @@ void gram(const T* X, int64_t R, int64_t D, T* out) {
   const int64_t pairs = R * (R + 1) / 2;
   const int64_t nchunks = (D + kGramChunk - 1) / kGramChunk;
   std::vector<double> partials(nchunks * pairs, 0.0);
-  parallel_chunks(D, kGramChunk, [&](int64_t c, int64_t begin, int64_t end) {
+  parallel_chunks(D, kGramChunk, pairs * D, [&](int64_t c, int64_t begin, int64_t end) {
     std::vector<Vec<A>> acc(pairs, Vec<A>{});  // one vector accumulator per pair (i >= j)
     Vec<A> tile[kGramMaxRows];
     int64_t d = begin;

@@ -1,6 +1,7 @@
 // Op 3 (docs/math.md): per-sample gradient moments of an nn.Linear layer without per-sample gradients.
 // On the CPU this is a composition of matmuls (the fused GEMM is the GPU kernels' job):
-//   T = 1: S1 = gy^T x and S2 = (gy^2)^T (x^2), two GEMMs.
+//   T = 1: S1 = gy^T x and S2 = (gy^2)^T (x^2), two GEMMs, with each sample's gy and x first balanced by a
+//          power of two (see balanced_squares).
 //   T > 1: S1 = gy^T x over all (n, t); S2 accumulates W_n^2 one sample at a time into one [O, I] buffer, so
 //          memory stays O(O * I) where the per-sample route needs O(N * O * I).
 #include <ATen/ATen.h>
@@ -8,6 +9,27 @@
 #include <tuple>
 
 namespace modfuse::cpu {
+
+// (gy_n^2) and (x_n^2) of the T = 1 form overflow (or underflow) on their own where the reference's
+// W_n^2 = (gy_n x_n)^2 is finite (issue 14 item 4: |gy| = 1e20, |x| = 1e-10 gave inf for 1e20). Scaling sample n's
+// gy by 2^s_n and its x by 2^-s_n changes no product gy x, and no rounding (powers of two are exact), but with
+// s_n = (e(max|x_n|) - e(max|gy_n|)) / 2 both have a maximum near sqrt(max|W_n|), so their squares overflow only
+// where W_n^2 itself does. The Triton kernel (modfuse/triton/linear_moments.py) uses the same shifts.
+namespace {
+std::tuple<at::Tensor, at::Tensor> balanced_squares(const at::Tensor& ga, const at::Tensor& xa) {
+  if (ga.numel() == 0 || xa.numel() == 0) return {ga.square(), xa.square()};
+  if (ga.is_cpu()) {  // the common case, cheaply (two reductions; no device sync): no square can overflow
+    const double safe = ga.scalar_type() == at::kDouble ? 0x1p511 : 0x1p63;
+    if (ga.abs().max().item<double>() < safe && xa.abs().max().item<double>() < safe) return {ga.square(), xa.square()};
+  }
+  const int64_t limit = ga.scalar_type() == at::kDouble ? 1022 : 126;  // 2^limit stays a normal number
+  const at::Tensor eg = std::get<1>(at::frexp(ga.abs().amax(1)));
+  const at::Tensor ex = std::get<1>(at::frexp(xa.abs().amax(1)));
+  const at::Tensor shift = at::div(ex - eg, 2, "floor").clamp(-limit, limit).to(at::kDouble).unsqueeze(1);
+  const at::ScalarType acc = ga.scalar_type();
+  return {(ga * at::exp2(shift).to(acc)).square(), (xa * at::exp2(-shift).to(acc)).square()};
+}
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_moments_cpu(const at::Tensor& x,
                                                                               const at::Tensor& gy) {
@@ -19,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_moments_cpu(co
   const at::Tensor xa = x.to(acc), ga = gy.to(acc);
   const int64_t I = x.size(-1), O = gy.size(-1);
   if (x.dim() == 2) {
-    return {ga.t().mm(xa), ga.square().t().mm(xa.square()), ga.sum(0), ga.square().sum(0)};
+    const auto [g2, x2] = balanced_squares(ga, xa);
+    return {ga.t().mm(xa), g2.t().mm(x2), ga.sum(0), ga.square().sum(0)};
   }
   const int64_t N = x.size(0), T = x.size(1);
   at::Tensor S1 = ga.reshape({N * T, O}).t().mm(xa.reshape({N * T, I}));

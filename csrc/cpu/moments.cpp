@@ -1,4 +1,11 @@
 // Op 2 (docs/math.md): per-modality sums and sums of squares of K gradient samples, into float32/float64 banks.
+// No FMA contraction in this file (GCC and Clang contract a * b + c under -O3 -march=native by default): the
+// in-place results must equal the reference's separately rounded multiply and add bit for bit (issue 14 item 9).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -13,7 +20,7 @@ void moments(const T* G, int64_t M, int64_t K, int64_t D, acc_t<T>* S1, acc_t<T>
   using A = acc_t<T>;
   const int64_t nchunks = (D + kMomentsChunk - 1) / kMomentsChunk;
   // Work items are (modality, chunk); each one owns its slice of S1 and S2, so there is nothing to combine.
-  parallel_chunks(M * nchunks, 1, [&](int64_t item, int64_t, int64_t) {
+  parallel_chunks(M * nchunks, 1, M * K * D, [&](int64_t item, int64_t, int64_t) {
     const int64_t m = item / nchunks;
     const int64_t begin = (item % nchunks) * kMomentsChunk;
     const int64_t len = std::min(D, begin + kMomentsChunk) - begin;
@@ -34,7 +41,7 @@ void moments(const T* G, int64_t M, int64_t K, int64_t D, acc_t<T>* S1, acc_t<T>
 
 template <typename T, typename B>
 void moments_accumulate(B* S1, B* S2, const T* g, int64_t n) {
-  parallel_chunks(n, 1 << 16, [&](int64_t, int64_t begin, int64_t end) {
+  parallel_chunks(n, 1 << 16, n, [&](int64_t, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const B v = B(load(g[i]));
       S1[i] += v;

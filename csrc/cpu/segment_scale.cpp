@@ -1,6 +1,13 @@
 // Op 6b (docs/math.md): scale every segment of x[D] in place, optionally adding per-segment Gaussian noise (OGM-GE).
 // The noise arrives as one standard-normal draw from the caller's generator (modfuse/ops.py), so the result
 // matches the reference exactly and is reproducible from the generator's seed.
+// No FMA contraction in this file (GCC and Clang contract a * b + c under -O3 -march=native by default): the
+// in-place results must equal the reference's separately rounded multiply and add bit for bit (issue 14 item 9).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -15,7 +22,7 @@ void segment_scale(T* x, int64_t D, const int64_t* offsets, int64_t P, const acc
                    const acc_t<T>* noise, const acc_t<T>* noise_std) {
   using A = acc_t<T>;
   const std::vector<SegmentBlock> blocks = segment_blocks(offsets, P, kScaleBlock);
-  parallel_chunks(int64_t(blocks.size()), 1, [&](int64_t b, int64_t, int64_t) {
+  parallel_chunks(int64_t(blocks.size()), 1, D, [&](int64_t b, int64_t, int64_t) {
     const SegmentBlock& blk = blocks[b];
     const A s = scale[blk.segment];
     if (noise) {

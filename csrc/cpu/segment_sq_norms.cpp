@@ -14,7 +14,7 @@ void segment_sq_norms(const T* x, int64_t R, int64_t D, const int64_t* offsets, 
   const std::vector<SegmentBlock> blocks = segment_blocks(offsets, P, kSegmentBlock);
   const int64_t nblocks = int64_t(blocks.size());
   std::vector<double> partials(R * nblocks);
-  parallel_chunks(R * nblocks, 1, [&](int64_t item, int64_t, int64_t) {
+  parallel_chunks(R * nblocks, 1, R * D, [&](int64_t item, int64_t, int64_t) {
     const int64_t r = item / nblocks;
     const SegmentBlock& blk = blocks[item % nblocks];
     const T* row = x + r * D;

@@ -11,7 +11,7 @@ constexpr int64_t kWeightedSumChunk = 4096;
 template <typename T, typename W>
 void weighted_sum(const T* X, const W* w, bool w_per_element, int64_t R, int64_t D, T* out) {
   using A = acc_t<T>;
-  parallel_chunks(D, kWeightedSumChunk, [&](int64_t, int64_t begin, int64_t end) {
+  parallel_chunks(D, kWeightedSumChunk, R * D, [&](int64_t, int64_t begin, int64_t end) {
     A acc[kWeightedSumChunk];
     std::fill(acc, acc + (end - begin), A(0));
     for (int64_t r = 0; r < R; ++r) {

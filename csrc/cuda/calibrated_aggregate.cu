@@ -16,7 +16,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;  // partials: at most 1024 * M * 4 values
 constexpr int kMaxModalities = 16;
 
-// Op 4 steps 2-3 (docs/math.md): the single-division opinion shared with the CPU kernel (csrc/calibrated_opinion.h).
+// Op 4 steps 2-3 (docs/math.md): the opinion shared with the CPU kernel (csrc/calibrated_opinion.h).
 template <typename A>
 using Params = OpinionParams<A>;
 
@@ -29,15 +29,15 @@ struct Stats {
 template <typename A, int MAXM>
 __device__ __forceinline__ void accumulate(int m, A mu, A ssd, A n, A inv_nm1, const Params<A>& p, A& o, A& uu,
                                            Stats<A, MAXM>& st) {
-  A b, u, en;
-  opinion(mu, ssd, n, inv_nm1, p, b, u, en);
+  A b, u, e;
+  opinion(mu, ssd, n, inv_nm1, p, b, u, e);
   const A bmu = b * mu;
   o += bmu;
   uu *= u;
   st.v[m][0] += mu * mu;
   st.v[m][1] += bmu * bmu;
   st.v[m][2] += b;
-  st.v[m][3] += en == A(0) ? A(1) : A(0);
+  st.v[m][3] += e == A(0) ? A(1) : A(0);
 }
 
 template <typename A, int MAXM>

@@ -31,6 +31,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 template <typename T> __device__ __forceinline__ T from_acc(double v);
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 
+// Products and sums that nvcc never contracts into an FMA (the _rn intrinsics), for the kernels whose results
+// must equal the reference's separately rounded multiply and add bit for bit (segment_scale_, moments_accumulate_).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
 // N values of T loaded or stored as one aligned access (16 bytes for the vector paths).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {

@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(B* __restrict__ S1
     for (int j = 0; j < V; ++j) {
       const B v = to_acc<B>(pk.v[j]);  // g converted to the banks' dtype first (docs/math.md / reference)
       S1[i * V + j] += v;
-      S2[i * V + j] += v * v;
+      S2[i * V + j] = add_rn(S2[i * V + j], mul_rn(v, v));  // no FMA: equals the reference's S2 + v^2 exactly
     }
   }
 }

@@ -19,8 +19,9 @@ __global__ void __launch_bounds__(kThreads) segment_scale_kernel(T* __restrict__
   const A sc = scale[p];
   const A sd = noise != nullptr ? noise_std[p] : A(0);
   for (int64_t d = begin + threadIdx.x; d < end; d += blockDim.x) {
-    A y = to_acc<A>(x[d]) * sc;  // the reference's order: scale first, then add the noise
-    if (noise != nullptr) y = y + noise[d] * sd;
+    // The reference's order and roundings: scale first, then add the noise, with no FMA (bit-identical results)
+    A y = mul_rn(to_acc<A>(x[d]), sc);
+    if (noise != nullptr) y = add_rn(y, mul_rn(noise[d], sd));
     x[d] = from_acc<T>(y);
   }
 }

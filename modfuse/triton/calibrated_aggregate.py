@@ -3,7 +3,7 @@
 Each program owns BLOCK elements: per modality (a compile-time loop over M) mean, variance, evidence and belief
 stay in registers; it writes out[D] (and the fused uncertainty) and its row of per-program stats partials
 [programs, M, 4], which are added in program order in float64 afterwards (fixed shape: deterministic). The math
-is the CPU and CUDA kernels' single-division form (see csrc/cpu/calibrated_aggregate.cpp).
+is the CPU and CUDA kernels' opinion, step for step (csrc/calibrated_opinion.h).
 """
 from __future__ import annotations
 
@@ -32,23 +32,23 @@ def _aggregate_kernel(S1_ptr, S2_ptr, n_ptr, out_ptr, u_ptr, partial_ptr, D, kap
         mu = x1 * (1.0 / n)
         ssd = x2 - x1 * mu
         ssd = tl.where(ssd < 0.0, 0.0, ssd)  # rounding; NaN fails the test and passes through
-        B = ssd * (1.0 / (n - 1.0)) + eps
-        en = n * mu * mu - B
-        en = tl.where(en < 0.0, 0.0, en)
-        cap = evidence_max * B
-        en = tl.where(en > cap, cap, en)
-        kB = kappa * B
-        r = 1.0 / (en + kB)
-        b = en * r
+        # the opinion of csrc/calibrated_opinion.h, step for step: no intermediate overflows where the reference's
+        # does not (t2 is inf only when n mu^2 is; b = 0, u = 1 at e = 0 for any kappa > 0)
+        t2 = n * (mu * mu) / (ssd * (1.0 / (n - 1.0)) + eps)
+        e = t2 - 1.0
+        e = tl.where(e < 0.0, 0.0, e)
+        e = tl.where(e > evidence_max, evidence_max, e)
+        total = e + kappa
+        b = e / total
         bmu = b * mu
         o += bmu
-        uu *= kB * r
+        uu *= kappa / total
         zero = tl.zeros([BLOCK], dtype=ACC)
         row = partial_ptr + (pid.to(tl.int64) * M + m) * 4
         tl.store(row + 0, tl.sum(tl.where(mask, mu * mu, zero), axis=0))
         tl.store(row + 1, tl.sum(tl.where(mask, bmu * bmu, zero), axis=0))
         tl.store(row + 2, tl.sum(tl.where(mask, b, zero), axis=0))
-        tl.store(row + 3, tl.sum(tl.where(mask & (en == 0.0), zero + 1.0, zero), axis=0))
+        tl.store(row + 3, tl.sum(tl.where(mask & (e == 0.0), zero + 1.0, zero), axis=0))
     tl.store(out_ptr + idx, o.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_U:
         tl.store(u_ptr + idx, uu.to(u_ptr.dtype.element_ty), mask=mask)

@@ -2,7 +2,9 @@
 
 Each program owns a [BLOCK_O, BLOCK_I] tile of S1 = sum_n W_n and S2 = sum_n W_n^2, W_n = sum_t gy[n, t]^T x[n, t].
 - T = 1: W_n is an outer product, so S1 = gy^T x and S2 = (gy^2)^T (x^2): the program walks N in BLOCK_N steps,
-  loads each x and gy tile once, and feeds both products from the same registers (two tl.dot per step).
+  loads each x and gy tile once, and feeds both products from the same registers (two tl.dot per step). For S2,
+  sample n's gy and x are first scaled by 2^s_n and 2^-s_n (exact; the CPU's balanced_squares shifts), so gy^2 and
+  x^2 overflow only where the reference's W_n^2 does.
 - T > 1: for every sample n the program forms its W_n tile in registers (tl.dot over T in BLOCK_T steps) and
   adds W_n and W_n^2 to its accumulators, so memory stays O(O * I): per-sample gradients are never stored.
 Programs of the first I-tile column also accumulate the bias moments sum_n b_n and sum_n b_n^2, b_n = sum_t gy[n, t].
@@ -35,7 +37,7 @@ def _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, 
 
 
 @triton.jit
-def _moments_t1_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, I, O,
+def _moments_t1_kernel(x_ptr, gy_ptr, fg_ptr, fx_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, I, O,
                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
     po = tl.program_id(0)
     pi = tl.program_id(1)
@@ -51,10 +53,13 @@ def _moments_t1_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, I, O,
                     other=0.0).to(ACC)                                   # [BLOCK_N, BLOCK_O]
         x = tl.load(x_ptr + n[:, None] * I + i[None, :], mask=(n[:, None] < N) & (i[None, :] < I),
                     other=0.0).to(ACC)                                   # [BLOCK_N, BLOCK_I]
-        gt = tl.trans(g)
+        fg = tl.load(fg_ptr + n, mask=n < N, other=1.0)                 # [BLOCK_N] powers of two
+        fx = tl.load(fx_ptr + n, mask=n < N, other=1.0)
+        gb = tl.trans(g * fg[:, None])
+        xb = x * fx[:, None]
         # the accumulator is passed in, so the products come out in ACC (tl.dot alone gives float32)
-        s1 = tl.dot(gt, x, s1, input_precision="ieee")
-        s2 = tl.dot(gt * gt, x * x, s2, input_precision="ieee")
+        s1 = tl.dot(tl.trans(g), x, s1, input_precision="ieee")
+        s2 = tl.dot(gb * gb, xb * xb, s2, input_precision="ieee")
         b1 += tl.sum(g, axis=0)
         b2 += tl.sum(g * g, axis=0)
     _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O)
@@ -90,6 +95,20 @@ def _moments_seq_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, T, I, 
     _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O)
 
 
+def balancing_factors(x: torch.Tensor, gy: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample powers of two (2^s_n for gy, 2^-s_n for x) that bring max|gy_n| and max|x_n| to about
+    sqrt(max|W_n|), so that their squares overflow only where W_n^2 does: csrc/cpu/linear_moments.cpp's shifts."""
+    N = x.shape[0]
+    if x.shape[1] == 0 or gy.shape[1] == 0:
+        ones = torch.ones(N, dtype=acc, device=x.device)
+        return ones, ones
+    limit = 1022 if acc == torch.float64 else 126  # 2^limit stays a normal number
+    eg = torch.frexp(gy.to(acc).abs().amax(1)).exponent
+    ex = torch.frexp(x.to(acc).abs().amax(1)).exponent
+    shift = torch.div(ex - eg, 2, rounding_mode="floor").clamp(-limit, limit).double()
+    return torch.exp2(shift).to(acc), torch.exp2(-shift).to(acc)
+
+
 @triton_op("modfuse_triton::linear_moments", mutates_args=())
 def linear_moments(x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                torch.Tensor]:
@@ -104,8 +123,9 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, tor
     ACC = tl.float64 if acc == torch.float64 else tl.float32
     grid = (triton.cdiv(O, BLOCK_O), triton.cdiv(I, BLOCK_I))
     if x.dim() == 2:
-        wrap_triton(_moments_t1_kernel)[grid](x, gy, S1, S2, B1, B2, N, I, O, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I,
-                                              BLOCK_N=BLOCK_N, ACC=ACC)
+        fg, fx = balancing_factors(x, gy, acc)
+        wrap_triton(_moments_t1_kernel)[grid](x, gy, fg, fx, S1, S2, B1, B2, N, I, O, BLOCK_O=BLOCK_O,
+                                              BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N, ACC=ACC)
     else:
         wrap_triton(_moments_seq_kernel)[grid](x, gy, S1, S2, B1, B2, N, x.shape[1], I, O, BLOCK_O=BLOCK_O,
                                                BLOCK_I=BLOCK_I, BLOCK_T=BLOCK_T, ACC=ACC)
