@@ -68,7 +68,7 @@ def main(argv=None):
                          {"modfuse": lambda: modfuse.calibrated_aggregate(S1, S2, n),
                           "eager reference": lambda: ref(S1, S2, n),
                           "torch.compile(reference)": lambda: fast(S1, S2, n)}, repeats, eager_repeats)
-                del S1, S2
+                S1 = S2 = None  # free it before the next case
 
     # Op 4, samples form: reads M*K*D, writes D.
     for dtype in (torch.float32, torch.bfloat16):
@@ -82,7 +82,7 @@ def main(argv=None):
                      {"modfuse": lambda: modfuse.calibrated_aggregate_samples(G),
                       "eager reference": lambda: ref(G), "torch.compile(reference)": lambda: fast(G)},
                      repeats, eager_repeats)
-            del G
+            G = None  # free it before the next case
 
     # Op 1 over a ResNet-18-like parameter set: per-segment results vs torch._foreach_norm over the tensors.
     for dtype in (torch.float32, torch.bfloat16):

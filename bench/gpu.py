@@ -99,7 +99,7 @@ def main(argv=None):
                     ours(lambda b: modfuse.calibrated_aggregate(S1, S2, n, backend=b)),
                     {"eager reference": lambda: reference.calibrated_aggregate(S1, S2, n),
                      "torch.compile(reference)": lambda: fast(S1, S2, n)})
-                del S1, S2
+                S1 = S2 = None  # free it before the next case
 
     # Op 4, samples form: reads M K D, writes D.
     for dtype in (torch.float32, torch.bfloat16):
@@ -112,7 +112,7 @@ def main(argv=None):
              for b in ours_backends if b != "triton"},
             {"eager reference": lambda: reference.calibrated_aggregate_samples(G),
              "torch.compile(reference)": lambda: fast(G)})
-        del G
+        G = None  # free it before the next case
 
     # Op 1: the ResNet-18 parameter set (per-segment results) vs torch._foreach_norm over its tensors; and a
     # large two-row bank.
@@ -126,7 +126,7 @@ def main(argv=None):
             {"torch._foreach_norm": lambda: torch._foreach_norm(tensors),
              "eager reference": lambda: reference.segment_sq_norms(flat[None], off_dev),
              "torch.compile(reference)": lambda: fast(flat[None], off_dev)})
-        del flat, tensors
+        flat = tensors = None  # free it before the next case
     D = sizes[-1]
     x = dev(torch.randn(2, D))
     offsets = torch.tensor([0, D // 3, D // 3 + 7, D])
@@ -136,7 +136,7 @@ def main(argv=None):
         {"torch._foreach_norm": lambda: torch._foreach_norm(list(x.split([D // 3, 7, D - D // 3 - 7], 1))),
          "eager reference": lambda: reference.segment_sq_norms(x, dev(offsets)),
          "torch.compile(reference)": lambda: fast(x, dev(offsets))})
-    del x
+    x = None  # free it before the next case
 
     # Op 3, T = 1: one GEMM pass for S1 and S2 vs the two eager GEMMs.
     N, I, O = (64, 32, 32) if args.smoke else (8192, 4096, 4096)
@@ -168,7 +168,7 @@ def main(argv=None):
             peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
         rows[-1]["peak_extra_MiB"] = peaks
         print("  peak extra memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
-    del x, gy
+    x = gy = None  # free it before the next case
 
     # Ops 5, 6, 2 at the largest size, M = 3 (gram R = 4).
     D = sizes[-1]
@@ -178,7 +178,7 @@ def main(argv=None):
         ours(lambda b: modfuse.gram(X, backend=b)),
         {"eager reference": lambda: reference.gram(X), "torch.compile(reference)": lambda: fast(X)})
     X3, w = X[:3].contiguous(), dev(torch.tensor([0.5, 1.0, 2.0]))
-    del X
+    X = None  # free it before the next case
     fast = compiled(reference.weighted_sum)
     cuda_only = {f"modfuse {b}": None for b in ours_backends if b != "triton"}
     run(rows, timer, "weighted_sum", f"R=3 D={size(D)}", torch.float32, 4 * D * 4,

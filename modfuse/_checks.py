@@ -7,10 +7,12 @@ direct torch.ops.modfuse call cannot touch memory out of bounds.
 """
 from __future__ import annotations
 
-import ctypes
+import math
 from typing import Sequence
 
 import torch
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_MODALITIES = 16
@@ -66,6 +68,16 @@ def positive(name: str, value, *, allow_inf: bool = False) -> float:
     return value
 
 
+def _round_to_float32(x: float) -> float:
+    """x rounded to the nearest float32 (ties to even; inf past its range), in plain Python arithmetic so that
+    torch.compile evaluates it at trace time (ctypes/numpy/a tensor would break the graph)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    ulp_exp = max(math.frexp(x)[1] - 24, -149)  # float32: 24 significant bits, subnormals down to 2**-149
+    r = math.ldexp(round(math.ldexp(x, -ulp_exp)), ulp_exp)
+    return math.copysign(math.inf, r) if abs(r) > FLOAT32_MAX else r
+
+
 def opinion_param(name: str, value: float, dtype: torch.dtype, *, subnormal_ok: bool) -> None:
     """Op 4's kappa and eps must stay positive and finite in the accumulation dtype (issue 14 item 4). float32
     (for float32, float16 and bfloat16 inputs) gives eps [1.4e-45, 3.4e38]; kappa needs a finite 1 / kappa (the
@@ -75,7 +87,7 @@ def opinion_param(name: str, value: float, dtype: torch.dtype, *, subnormal_ok: 
         return
     info = torch.finfo(torch.float32)
     smallest = info.smallest_normal * info.eps if subnormal_ok else info.smallest_normal
-    as_float32 = ctypes.c_float(value).value  # rounded to float32 (inf past its range) without a tensor
+    as_float32 = _round_to_float32(float(value))
     if not smallest <= as_float32 < float("inf"):
         raise ValueError(f"{name} = {value} becomes {as_float32} in float32, the accumulation dtype of "
                          f"{str(dtype).removeprefix('torch.')} inputs: pass {name} in [{smallest:.3g}, "
