@@ -208,7 +208,8 @@ def scenarios(rank, world, out):
                 fully_shard(net.enc[m], mesh=mesh)
             fully_shard(net, mesh=mesh)
             xs, y = local(rank, world)
-            return train(net, net, balancer(net, net, case), xs, y)
+            b = balancer(net, net, case)
+            return (*train(net, net, b, xs, y), b.stats())
         run(f"fsdp2/{case}", fsdp_case)
 
     # a ragged last batch: per-sample weighting equals one process on the concatenation
@@ -407,17 +408,21 @@ def test_ddp(job, single, case, view):
 
 @pytest.mark.parametrize("case", LINEAR + PER_RANK)
 def test_fsdp2(job, single, case):
-    """Methods with plain gradients run through FSDP2's own reduce-scatter; the others refuse at construction."""
+    """Methods with plain gradients run through FSDP2's own reduce-scatter; calibrated's per-sample route runs Op 4
+    shard-local (moment banks reduce-scattered onto each rank's shards, no all-gather); the others refuse at
+    construction, naming the method and FSDP2."""
     world, results = job
     name = f"fsdp2/{case}"
     method = method_of(case, world)[0]
-    if method in ("calibrated", "ogm_ge", "greedy", "mmpareto", "inforeg"):
+    if case in ("calibrated-microbatch", "ogm_ge", "greedy", "mmpareto", "inforeg"):
         for res in results:
             _, etype, message, _ = res[name]
             assert etype == "ValueError" and method in message and "FSDP2" in message, message
         return
     for rank, res in enumerate(results):
-        grads, params = ok(res[name], name)
+        grads, params, stats = ok(res[name], name)
+        # stats() are summed over the ranks' slices: the same numbers on every rank
+        assert stats == ok(results[0][name], name)[2], f"{name}: rank {rank} stats differ from rank 0"
         if case in single:
             close(grads, single[case][0], f"{name} rank {rank} .grad")
             close(params, single[case][1], f"{name} rank {rank} parameters")
