@@ -165,14 +165,14 @@ class Groups:
         return self.names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
 
     # -- gradient capture (local; no collective) ---------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = False) -> None:
         """Plain backward of `loss` into the `.grad` of `params` (accumulating)."""
         if self.fsdp:
             # FSDP2's graph leaves are its unsharded parameters, so no inputs= restriction; its reduce-scatter
             # averages over ranks, so scale by world * N_r / N for the per-sample rule.
-            (loss * (self.weight * self.world)).backward()
+            (loss * (self.weight * self.world)).backward(retain_graph=retain_graph)
         else:
-            torch.autograd.backward(loss, inputs=list(params))
+            torch.autograd.backward(loss, inputs=list(params), retain_graph=retain_graph)
 
     @staticmethod
     def grads(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> tuple:

@@ -414,15 +414,15 @@ def test_fsdp2(job, single, case):
     world, results = job
     name = f"fsdp2/{case}"
     method = method_of(case, world)[0]
-    if case in ("calibrated-microbatch", "mmpareto", "inforeg"):
+    if case in ("calibrated-microbatch", "inforeg"):
         for res in results:
             _, etype, message, _ = res[name]
             assert etype == "ValueError" and method in message and "FSDP2" in message, message
         return
     for rank, res in enumerate(results):
         grads, params, stats = ok(res[name], name)
-        # stats() are summed over the ranks' slices: the same numbers on every rank
-        assert stats == ok(results[0][name], name)[2], f"{name}: rank {rank} stats differ from rank 0"
+        # the linear methods' stats() are summed over the ranks' shards: the same numbers on every rank
+        assert case not in single or stats == ok(results[0][name], name)[2], f"{name}: rank {rank} stats differ from rank 0"
         if case in single:
             close(grads, single[case][0], f"{name} rank {rank} .grad")
             close(params, single[case][1], f"{name} rank {rank} parameters")
