@@ -33,7 +33,7 @@ CLASSES = 4
 # Methods that are defined on the unimodal losses (each modality's own objective). The others get only the fused
 # loss here: passed unimodal losses are added to any method's objective (method "none" + unimodal losses is the
 # fused+unimodal control a comparison needs).
-NEEDS_UNIMODAL = ("calibrated", "mmpareto", "mimo")
+NEEDS_UNIMODAL = ("calibrated", "mmpareto", "mimo", "inforeg")
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Flat gradient banks (SPEC.md "Layout"): one contiguous buffer per group of parameters, a view per parameter.
+"""Flat gradient banks (docs/math.md): one contiguous buffer per group of parameters, a view per parameter.
 
 A `FlatParams` lays a list of parameters of one device and dtype end to end: parameter p owns the elements
 [offsets[p], offsets[p + 1]) of a flat [D] buffer. Every bank built on it is one contiguous tensor whose rows are
@@ -12,7 +12,7 @@ all-reduce):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -58,7 +58,7 @@ class FlatParams:
 class MomentBank:
     """Per-modality moment banks S1[M, D], S2[M, D] and counts n[M] of one FlatParams group.
 
-    Banks are float32 (float64 for float64 parameters) whatever the gradient dtype, as SPEC Op 2 requires.
+    Banks are float32 (float64 for float64 parameters) whatever the gradient dtype, as Op 2 requires (docs/math.md).
     Summing them over ranks (modfuse.groups) gives the statistics of the global batch.
     """
 

@@ -7,7 +7,7 @@ without no_sync(), autocast bf16, replicas that differ) and saves what it saw; t
 process on the concatenated batch. The process group has a 60 s timeout, so a hang fails instead of stalling.
 
 Linear in the batch (compared with one process, `.grad` of the first step and the parameters after 3 SGD
-steps): none, calibrated (both routes), ogm_ge, greedy, mmpareto, i2m2, inforeg. Per rank by design (their objective is a
+steps): none, calibrated (both routes), ogm_ge, greedy, mmpareto, i2m2, inforeg, agm. Per rank by design (their objective is a
 nonlinear function of the rank's own batch): mimo (logsumexp of local mean losses) and utilization (the shuffled
 drop of the local batch): checked equal on every rank only.
 """
@@ -31,7 +31,7 @@ import modfuse
 DIMS = {"a": 5, "b": 7}
 N = 24
 K_TOTAL = 6   # micro-batches over the whole batch; each rank cuts its part into K_TOTAL / world
-LINEAR = ["none", "calibrated-microbatch", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2", "inforeg"]
+LINEAR = ["none", "calibrated-microbatch", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2", "inforeg", "agm"]
 PER_RANK = ["mimo", "utilization"]
 RAGGED = {2: [13, 11], 3: [9, 8, 7]}
 
@@ -414,7 +414,7 @@ def test_fsdp2(job, single, case):
     world, results = job
     name = f"fsdp2/{case}"
     method = method_of(case, world)[0]
-    if case in ("calibrated-microbatch", "inforeg"):
+    if case in ("calibrated-microbatch", "inforeg", "agm"):
         for res in results:
             _, etype, message, _ = res[name]
             assert etype == "ValueError" and method in message and "FSDP2" in message, message

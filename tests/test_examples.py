@@ -26,6 +26,8 @@ STATS_KEYS = {
     "utilization": {"{m}/utilization", "lambda_", "empty_steps"},
     "mimo": {"{m}/weight"},
     "i2m2": set(),
+    "inforeg": {"{m}/window", "{m}/beta", "{m}/fisher_trace"},
+    "agm": {"{m}/coefficient"},
 }
 
 

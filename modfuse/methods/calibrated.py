@@ -1,6 +1,6 @@
 """Method "calibrated": uncertainty-calibrated aggregation of the objectives' gradients on shared parameters.
 
-Source: SPEC.md Op 4 (the gradient calibration of the seed papers: per-modality gradient uncertainty, evidence
+Source: docs/math.md, Op 4 (the gradient calibration of the seed papers: per-modality gradient uncertainty, evidence
 from precision, reduced Dempster-Shafer fusion, uncertainty-weighted aggregation).
 
 For every shared parameter element d and objective r (each modality's objective, then the fused one):
@@ -27,7 +27,7 @@ on the concatenated batch; with micro-batches each rank cuts its own batch into 
 scaled by K_total / N_total so that their mean is the gradient of the mean loss over all ranks' samples. An
 objective missing on a rank (a modality absent there) adds zeros with count 0 on that rank.
 Under FSDP2 the method raises at construction (its several backwards need the unsharded parameters).
-Options: moments, microbatches (8; SPEC: K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
+Options: moments, microbatches (8; K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
 (False: run the statistics stage through torch.compile(fullgraph=True)), collectives ("reduce_scatter": under
 torch.distributed each rank runs Op 4 on its 1/W slice of the summed banks and one all-gather returns the result,
@@ -76,7 +76,7 @@ class Calibrated(Method):
             raise ValueError("method 'calibrated' needs shared= parameters (those every modality's objective "
                              "reaches, e.g. a head applied to each embedding)")
         if not isinstance(include_fused, bool):
-            raise ValueError(f"include_fused must be True or False, got {include_fused!r}")
+            raise TypeError(f"include_fused must be True or False, got {include_fused!r}")
         if collectives not in ("reduce_scatter", "all_reduce"):
             raise ValueError(f"collectives must be 'reduce_scatter' or 'all_reduce', got {collectives!r}")
         self.collectives = collectives

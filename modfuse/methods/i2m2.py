@@ -13,7 +13,7 @@ way a single fused head lets it be. The method's objective is the negative log-l
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

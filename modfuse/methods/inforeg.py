@@ -122,21 +122,22 @@ class InfoReg(Method):
         return out
 
     def state_dict(self):
+        # anchors as one float64 tensor (exact for every float dtype), in encoder and layout order
+        flat = [a.detach().to("cpu", torch.float64) for m in self.groups.modalities for a in self.anchors[m]]
         return {"traces": {m: list(v) for m, v in self.traces.items()}, "epoch_trace": dict(self._epoch_trace),
-                "anchors": {m: [a.clone() for a in v] for m, v in self.anchors.items()}}
+                "anchors": torch.cat(flat)}
 
     def load_state_dict(self, state):
         traces, epoch_trace, anchors = state.get("traces"), state.get("epoch_trace"), state.get("anchors")
         mods = set(self.groups.modalities)
         if not isinstance(traces, dict) or set(traces) != mods or not isinstance(epoch_trace, dict) \
-                or set(epoch_trace) != mods or not isinstance(anchors, dict) or set(anchors) != mods:
-            raise ValueError(f"the inforeg state must hold traces, epoch_trace and anchors for the modalities "
-                             f"{sorted(mods)}")
-        for m, mine in self.anchors.items():
-            theirs = anchors[m]
-            if len(theirs) != len(mine) or any(not isinstance(t, torch.Tensor) or t.shape != a.shape
-                                               for t, a in zip(theirs, mine)):
-                raise ValueError(f"the inforeg state's anchors for {m!r} do not match this encoder's parameters")
+                or set(epoch_trace) != mods:
+            raise ValueError(f"the inforeg state must hold traces and epoch_trace for the modalities {sorted(mods)}")
+        sizes = [a.numel() for m in self.groups.modalities for a in self.anchors[m]]
+        if not isinstance(anchors, torch.Tensor) or anchors.shape != (sum(sizes),):
+            raise ValueError(f"the inforeg state's anchors must be one tensor of {sum(sizes)} values (this model's "
+                             f"encoder parameters), got {getattr(anchors, 'shape', anchors)!r}")
+        parts = iter(torch.split(anchors, sizes))
+        self.anchors = {m: [next(parts).to(a) for a in self.anchors[m]] for m in self.groups.modalities}
         self.traces = {m: [float(x) for x in traces[m]] for m in self.groups.modalities}
         self._epoch_trace = {m: float(epoch_trace[m]) for m in self.groups.modalities}
-        self.anchors = {m: [t.to(a) for t, a in zip(anchors[m], self.anchors[m])] for m in self.groups.modalities}

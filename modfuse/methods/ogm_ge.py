@@ -83,7 +83,7 @@ class OGMGE(Method):
         self.alpha = check.positive("alpha", alpha)
         for name, value in (("ge", ge), ("continuous", continuous)):
             if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         for name, value in (("start_epoch", start_epoch), ("end_epoch", end_epoch), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -99,8 +99,13 @@ class OGMGE(Method):
         groups = self.groups
         active = self.window[0] <= step.epoch <= self.window[1]
         y = step.target
-        scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
-                              for m in groups.modalities]).double() if active else None
+        scores = None
+        if active:
+            # packed with the gradients, so in their dtype when that is float32/float64 (one collective)
+            dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
+            scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
+                                  for m in groups.modalities]).to(dtype if dtype in (torch.float32, torch.float64)
+                                                                  else torch.float64)
         if groups.fsdp:
             self._fsdp_backward(total, scores)
             return
@@ -109,7 +114,7 @@ class OGMGE(Method):
         if not active:
             self._k = None
             return
-        k = modulation(scores, self.alpha, self.continuous)
+        k = modulation(scores.double(), self.alpha, self.continuous)
         self._k = k
         for u, m in enumerate(groups.modalities):
             for layout, buf in banks[m]:
@@ -138,7 +143,7 @@ class OGMGE(Method):
         local = [p.grad.to_local() if p.grad is not None else None for p in params]
         partial = [torch.zeros(2, dtype=torch.float64) if g is None else
                    torch.stack([g.double().sum(), g.double().square().sum()]).cpu() for g in local]
-        packed = torch.cat([scores.cpu(), *partial]) if partial else scores.cpu()
+        packed = torch.cat([scores.double().cpu(), *partial]) if partial else scores.double().cpu()
         groups.all_reduce_(summed=[packed])
         M = len(groups.modalities)
         k = modulation(packed[:M], self.alpha, self.continuous)
@@ -191,5 +196,5 @@ class OGMGE(Method):
     def load_state_dict(self, state):
         generator = state.get("generator") if isinstance(state, dict) else None
         if not isinstance(generator, torch.Tensor):
-            raise ValueError("the ogm_ge state needs its 'generator' state tensor")
+            raise TypeError("the ogm_ge state needs its 'generator' state tensor")
         self.generator.set_state(generator)

@@ -140,7 +140,7 @@ class Utilization(Method):
     def load_state_dict(self, state):
         generator = state.get("generator")
         if not isinstance(generator, torch.Tensor):
-            raise ValueError("the utilization state needs its 'generator' state tensor")
+            raise TypeError("the utilization state needs its 'generator' state tensor")
         counts = [state.get("steps_in_epoch"), state.get("empty_steps")]
         if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
             raise ValueError(f"the utilization state's steps_in_epoch and empty_steps must be ints >= 0, got {counts}")
