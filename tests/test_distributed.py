@@ -251,6 +251,19 @@ def scenarios(rank, world, out):
             return (ok, snapshot(net)[0])
         run(f"missing/{case}", missing)
 
+    # FSDP2: calibrated's per-objective backwards fire FSDP2's collectives, so a missing modality raises everywhere
+    def fsdp_missing():
+        net = make_net()
+        for m in DIMS:
+            fully_shard(net.enc[m], mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        b = balancer(net, net, "calibrated-per_sample")
+        kw = losses(net, *local(rank, world))
+        if rank == world - 1:
+            del kw["unimodal"]["b"]
+        return b.backward(**kw)
+    run("missing/fsdp2-calibrated", fsdp_missing)
+
     # a batch too small for microbatches on one rank: raised on every rank at once
     def too_small():
         net = make_net()
@@ -462,6 +475,17 @@ def test_missing_modality_on_one_rank(job):
         assert kind == "error"
         if rank == world - 1:
             assert etype == "ValueError" and "unimodal" in message, message
+        else:
+            assert etype == "RuntimeError" and f"rank(s) [{world - 1}]" in message, message
+
+
+def test_fsdp2_missing_modality_raises_on_every_rank(job):
+    world, results = job
+    for rank, res in enumerate(results):
+        kind, etype, message, _ = res["missing/fsdp2-calibrated"]
+        assert kind == "error"
+        if rank == world - 1:
+            assert etype == "ValueError" and "FSDP2" in message and "'b'" in message, message
         else:
             assert etype == "RuntimeError" and f"rank(s) [{world - 1}]" in message, message
 

@@ -110,6 +110,11 @@ class Calibrated(Method):
         rows = step.objectives() if self.include_fused else list(step.unimodal.items())
         if len(rows) < 1:
             raise ValueError("method 'calibrated' needs unimodal= losses (and/or fused= with include_fused=True)")
+        missing = [m for m in self.groups.modalities if m not in step.unimodal]
+        if self.groups.fsdp and missing:
+            # each objective's backward fires FSDP2's hooks (collectives): every rank must run the same ones
+            raise ValueError(f"method 'calibrated' under FSDP2 needs unimodal= losses for every modality on every "
+                             f"rank; missing: {', '.join(map(repr, missing))}")
         for name, loss in rows:
             if loss.dim() != 1:
                 raise ValueError(f"method 'calibrated' needs per-sample losses (reduction='none'), but the {name} "
