@@ -9,8 +9,10 @@ Wrappers (detected from the model given, or from the module inside it):
   what `no_sync()` does for one block), because the Balancer's several backwards per step cannot pair with DDP's
   one-backward reducer; the Balancer then reduces through its own packed collectives, so every gradient is
   reduced exactly once. Buffers are still broadcast before each forward, as DDP does.
-- FSDP2 (`fully_shard`): gradients flow through FSDP2's own reduce-scatter (one backward per step); methods that
-  need more than one backward or the full gradient of a group raise at construction.
+- FSDP2 (`fully_shard`): gradients flow through FSDP2's own reduce-scatter (one backward per step); calibrated
+  (per_sample route) reduce-scatters its moment banks onto the ranks' own shards (`reduce_scatter_to_shards`) and
+  writes Op 4's result into each rank's shard of `.grad`; methods that need more than one backward over the
+  parameters or the full gradient of a group raise at construction.
 
 Distributed rules, for every method: rank r's gradient counts N_r / N (N_r its batch size, N the sum over
 ranks), which is what one process on the concatenated batch gives for mean-reduced losses; all decisions that
@@ -163,14 +165,14 @@ class Groups:
         return self.names.get(id(p), f"<parameter of shape {tuple(p.shape)}>")
 
     # -- gradient capture (local; no collective) ---------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> None:
+    def backward(self, loss: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = False) -> None:
         """Plain backward of `loss` into the `.grad` of `params` (accumulating)."""
         if self.fsdp:
             # FSDP2's graph leaves are its unsharded parameters, so no inputs= restriction; its reduce-scatter
             # averages over ranks, so scale by world * N_r / N for the per-sample rule.
-            (loss * (self.weight * self.world)).backward()
+            (loss * (self.weight * self.world)).backward(retain_graph=retain_graph)
         else:
-            torch.autograd.backward(loss, inputs=list(params))
+            torch.autograd.backward(loss, inputs=list(params), retain_graph=retain_graph)
 
     @staticmethod
     def grads(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> tuple:
@@ -275,6 +277,44 @@ class Groups:
         result = gathered[:, :Dw].reshape(-1)[:D]
         extra_out = gathered[:, Dw:Dw + Ew].reshape(-1)[:E]
         return result, gathered[:, Dw + Ew:].sum(0), extra_out
+
+    def shard_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
+        """FSDP2: (first element, element count) of this rank's shard of `p` within p's flattened full tensor
+        (`Shard(0)`: chunks of ceil(d0 / W) rows, the last ones shorter or empty)."""
+        d0 = p.shape[0] if p.dim() else 1
+        r = p.numel() // max(d0, 1)
+        chunk = -(-d0 // self.world)
+        return self.rank * chunk * r, max(0, min(d0 - self.rank * chunk, chunk)) * r
+
+    def reduce_scatter_to_shards(self, layout: FlatParams, rows: torch.Tensor, replicated: torch.Tensor):
+        """FSDP2: sum a [C, D] bank over ranks, each rank receiving only the elements of its own parameter shards.
+
+        `layout` holds DTensor parameters sharded on dim 0 (FSDP2's `Shard(0)`: chunks of ceil(d0 / W) rows, the
+        last ones shorter or empty). Rank w receives, for every parameter in order, the [C, ceil(d0 / W) * r]
+        block of its rows (zero-padded past d0), in one reduce-scatter; `replicated` (flat, the bank's dtype) rides
+        along and every rank receives its sum over ranks. Bytes per rank, ring algorithm: (W-1)/W (C D + W E),
+        and no all-gather. Returns (mine [C, L] with L = sum of the padded block sizes, [(param, start, numel)]
+        where each parameter's real local elements sit in mine, summed `replicated`).
+        """
+        W, C, E = self.world, rows.shape[0], replicated.numel()
+        blocks, where, start = [], [], 0
+        for p, (a, b) in zip(layout.params, layout._bounds):
+            d0 = p.shape[0] if p.dim() else 1
+            r = (b - a) // max(d0, 1)
+            chunk = -(-d0 // W)
+            padded = torch.zeros(C, W * chunk * r, dtype=rows.dtype, device=rows.device)
+            padded[:, :b - a] = rows[:, a:b]
+            blocks.append(padded.view(C, W, chunk * r))
+            local_rows = max(0, min(d0 - self.rank * chunk, chunk))
+            where.append((p, start, local_rows * r))
+            start += chunk * r
+        L = start
+        send = torch.empty(W, C * L + E, dtype=rows.dtype, device=rows.device)
+        send[:, :C * L] = torch.cat(blocks, 2).transpose(0, 1).reshape(W, C * L)
+        send[:, C * L:] = replicated.reshape(1, E)
+        mine = torch.empty(C * L + E, dtype=rows.dtype, device=rows.device)
+        dist.reduce_scatter_tensor(mine, send.view(-1), op=dist.ReduceOp.SUM)
+        return mine[:C * L].view(C, L), where, mine[C * L:]
 
     def grads_to_reduce(self, params: Sequence[torch.nn.Parameter]) -> tuple[list, list, torch.Tensor | None]:
         """Flat buffers holding the local `.grad` of `params` (zeros where None, plus what no_sync() deferred)

@@ -208,7 +208,8 @@ def scenarios(rank, world, out):
                 fully_shard(net.enc[m], mesh=mesh)
             fully_shard(net, mesh=mesh)
             xs, y = local(rank, world)
-            return train(net, net, balancer(net, net, case), xs, y)
+            b = balancer(net, net, case)
+            return (*train(net, net, b, xs, y), b.stats())
         run(f"fsdp2/{case}", fsdp_case)
 
     # a ragged last batch: per-sample weighting equals one process on the concatenation
@@ -249,6 +250,19 @@ def scenarios(rank, world, out):
             ok = b.backward(**kw)
             return (ok, snapshot(net)[0])
         run(f"missing/{case}", missing)
+
+    # FSDP2: calibrated's per-objective backwards fire FSDP2's collectives, so a missing modality raises everywhere
+    def fsdp_missing():
+        net = make_net()
+        for m in DIMS:
+            fully_shard(net.enc[m], mesh=mesh)
+        fully_shard(net, mesh=mesh)
+        b = balancer(net, net, "calibrated-per_sample")
+        kw = losses(net, *local(rank, world))
+        if rank == world - 1:
+            del kw["unimodal"]["b"]
+        return b.backward(**kw)
+    run("missing/fsdp2-calibrated", fsdp_missing)
 
     # a batch too small for microbatches on one rank: raised on every rank at once
     def too_small():
@@ -407,17 +421,21 @@ def test_ddp(job, single, case, view):
 
 @pytest.mark.parametrize("case", LINEAR + PER_RANK)
 def test_fsdp2(job, single, case):
-    """Methods with plain gradients run through FSDP2's own reduce-scatter; the others refuse at construction."""
+    """Methods with plain gradients run through FSDP2's own reduce-scatter; calibrated's per-sample route runs Op 4
+    shard-local (moment banks reduce-scattered onto each rank's shards, no all-gather); the others refuse at
+    construction, naming the method and FSDP2."""
     world, results = job
     name = f"fsdp2/{case}"
     method = method_of(case, world)[0]
-    if method in ("calibrated", "ogm_ge", "greedy", "mmpareto", "inforeg", "agm"):
+    if case in ("calibrated-microbatch", "inforeg", "agm"):
         for res in results:
             _, etype, message, _ = res[name]
             assert etype == "ValueError" and method in message and "FSDP2" in message, message
         return
     for rank, res in enumerate(results):
-        grads, params = ok(res[name], name)
+        grads, params, stats = ok(res[name], name)
+        # the linear methods' stats() are summed over the ranks' shards: the same numbers on every rank
+        assert case not in single or stats == ok(results[0][name], name)[2], f"{name}: rank {rank} stats differ from rank 0"
         if case in single:
             close(grads, single[case][0], f"{name} rank {rank} .grad")
             close(params, single[case][1], f"{name} rank {rank} parameters")
@@ -457,6 +475,17 @@ def test_missing_modality_on_one_rank(job):
         assert kind == "error"
         if rank == world - 1:
             assert etype == "ValueError" and "unimodal" in message, message
+        else:
+            assert etype == "RuntimeError" and f"rank(s) [{world - 1}]" in message, message
+
+
+def test_fsdp2_missing_modality_raises_on_every_rank(job):
+    world, results = job
+    for rank, res in enumerate(results):
+        kind, etype, message, _ = res["missing/fsdp2-calibrated"]
+        assert kind == "error"
+        if rank == world - 1:
+            assert etype == "ValueError" and "FSDP2" in message and "'b'" in message, message
         else:
             assert etype == "RuntimeError" and f"rank(s) [{world - 1}]" in message, message
 

@@ -55,7 +55,7 @@ class Calibrated(Method):
     name = "calibrated"
     requires = ()
     plain_gradients = False
-    fsdp2 = False
+    fsdp2 = True   # the per_sample route; the micro-batch route raises below
 
     def __init__(self, groups, moments: str = "microbatch", microbatches: int = 8, kappa: float = 1.0,
                  eps: float | None = None, evidence_max: float = 1e6, include_fused: bool = True,
@@ -63,6 +63,10 @@ class Calibrated(Method):
         super().__init__(groups)
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
+        if groups.fsdp and moments == "microbatch":
+            raise ValueError("method 'calibrated' with moments='microbatch' cannot run under FSDP2 (fully_shard): "
+                             "its R * K backwards need the unsharded parameters; use moments='per_sample' (it runs "
+                             "shard-local under FSDP2), or DistributedDataParallel")
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2:
             raise ValueError(f"microbatches must be an int >= 2 (a variance needs two samples), got {microbatches!r}")
         if not groups.shared:
@@ -103,6 +107,11 @@ class Calibrated(Method):
         rows = step.objectives() if self.include_fused else list(step.unimodal.items())
         if len(rows) < 1:
             raise ValueError("method 'calibrated' needs unimodal= losses (and/or fused= with include_fused=True)")
+        missing = [m for m in self.groups.modalities if m not in step.unimodal]
+        if self.groups.fsdp and missing:
+            # each objective's backward fires FSDP2's hooks (collectives): every rank must run the same ones
+            raise ValueError(f"method 'calibrated' under FSDP2 needs unimodal= losses for every modality on every "
+                             f"rank; missing: {', '.join(map(repr, missing))}")
         for name, loss in rows:
             if loss.dim() != 1:
                 raise ValueError(f"method 'calibrated' needs per-sample losses (reduction='none'), but the {name} "
@@ -132,6 +141,9 @@ class Calibrated(Method):
             self._per_sample_moments(rows, N, banks, reached)
         shared = {id(p) for _, p in groups.shared}
         others = [p for p in groups.trainable if id(p) not in shared]
+        if groups.fsdp:
+            self._fsdp_finish(step, names, N, banks, reached, total)
+            return
         if others:
             groups.backward(total, others)
         flags = [torch.tensor([float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype,
@@ -195,6 +207,40 @@ class Calibrated(Method):
                 p.grad = view
             self._last.append((names, stats))
 
+    def _fsdp_finish(self, step, names, N, banks, reached, total):
+        """FSDP2, shard-local Op 4: one plain backward through FSDP2 (encoders and every other parameter get their
+        gradient shards from its reduce-scatter), then the moment banks are reduce-scattered onto the ranks' own
+        shards of the shared parameters, Op 4 runs on that slice, and the result overwrites this rank's shard of
+        their `.grad`. No all-gather; one tiny all-reduce of Op 4's per-objective sums for stats()."""
+        groups = self.groups
+        groups.backward(total, groups.trainable)
+        self._last = []
+        R = len(names)
+        for bank in banks:
+            bank.n.copy_(torch.tensor([self._count(step, name, N) for name in names], dtype=bank.n.dtype))
+            flags = torch.tensor([float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype,
+                                 device=bank.S1.device)
+            mine, where, flags = groups.reduce_scatter_to_shards(bank.layout, torch.cat([bank.S1, bank.S2]), flags)
+            for p, f in zip(bank.layout.params, flags.tolist()):
+                if f == 0:
+                    raise ValueError(f"shared parameter {groups.name_of(p)!r} received no gradient from any "
+                                     "objective of this step")
+            eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
+            out, stats = (self._compiled or calibrate)(mine[:R].contiguous(), mine[R:].contiguous(), bank.n,
+                                                       self.kappa, eps, self.evidence_max)
+            L = mine.shape[1]
+            real = sum(numel for _, _, numel in where)
+            # sums over this rank's slice (padding has zero belief and zero evidence), then over ranks
+            sums = torch.stack([stats[:, 0], stats[:, 1], stats[:, 2] * L, stats[:, 3] * L - (L - real)], 1)
+            groups.all_reduce_(summed=[sums])
+            sums[:, 2:] /= bank.layout.numel
+            out = out.to(bank.layout.dtype)
+            with torch.no_grad():
+                for p, start, numel in where:
+                    local = p.grad.to_local()
+                    local.copy_(out[start:start + numel].view_as(local))
+            self._last.append((names, sums))
+
     def _count(self, step, name, N):
         """n of a bank row over all ranks: samples (per_sample) or micro-batches (K per rank that has the row)."""
         if self.moments == "per_sample":
@@ -237,6 +283,9 @@ class Calibrated(Method):
                                  f"nn.Linear; {name!r} is not (use moments='microbatch')")
             if owner[id(p)] not in linears:
                 linears.append(owner[id(p)])
+        # the parameters as registered now: under FSDP2 `module.weight` is swapped for an unsharded tensor
+        # around each forward, while the groups hold the sharded ones
+        self._weights = {m: (m.weight, m.bias) for m in linears}
         return linears
 
     def _per_sample_moments(self, rows, N, banks, reached):
@@ -261,7 +310,8 @@ class Calibrated(Method):
                 if x.shape[1] == 1:
                     x, gy = x[:, 0], gy[:, 0]
                 S1w, S2w, B1, B2 = ops.linear_moments(x, gy, bias=True)
-                for p, s1, s2 in ((module.weight, S1w, S2w), (module.bias, B1, B2)):
+                weight, bias = self._weights[module]
+                for p, s1, s2 in ((weight, S1w, S2w), (bias, B1, B2)):
                     if p is None or id(p) not in where:
                         continue
                     bank, j = where[id(p)]

@@ -42,7 +42,7 @@ class Greedy(Method):
     requires = ()
     modulates_encoders = True
     plain_gradients = False
-    fsdp2 = False
+    fsdp2 = True
 
     def __init__(self, groups, threshold: float = 0.3, hold_steps: int = 5, window_steps: int | None = None,
                  cumulative: bool = False, start_epoch: int = 0):
@@ -72,6 +72,9 @@ class Greedy(Method):
         self._last_d: list[float] | None = None
 
     def backward(self, step, total):
+        if self.groups.fsdp:
+            self._fsdp_backward(step, total)
+            return
         banks = reduce_encoder_banks(self.groups, total, rows=2)
         self.epoch = step.epoch
         self.held_params = set()
@@ -89,6 +92,34 @@ class Greedy(Method):
                 # one launch: squared norms of every gradient (row 0) and parameter (row 1) tensor
                 sq += ops.segment_sq_norms(buf, layout.offsets).sum(1).double().to(sq.device)
             self.speeds[u] += torch.where(sq[1] > 0, sq[0] / sq[1], torch.zeros_like(sq[0]))
+        self.window_count += 1
+        if self.window_steps is not None and self.window_count % self.window_steps == 0:
+            self._end_window()
+
+    def _fsdp_backward(self, step, total):
+        """FSDP2: one plain backward through FSDP2's reduce-scatter; the speeds' squared norms are shard-local
+        partial sums (gradient and parameter shards), all-reduced in one tiny [M, 2] collective."""
+        groups = self.groups
+        groups.backward(total, groups.trainable)
+        self.epoch = step.epoch
+        self.held_params = set()
+        if self.hold_left > 0:
+            for layout in groups.encoder_layouts[groups.modalities[self.held]]:
+                for p in layout.params:
+                    p.grad = None
+                    self.held_params.add(id(p))
+            self.hold_left -= 1
+            return
+        sq = torch.zeros(len(groups.modalities), 2, dtype=torch.float64)
+        for u, m in enumerate(groups.modalities):
+            params = [p for layout in groups.encoder_layouts[m] for p in layout.params]
+            grads = [p.grad.to_local() for p in params if p.grad is not None]
+            if grads:
+                sq[u, 0] = torch.stack([g.double().square().sum() for g in grads]).sum().cpu()
+            sq[u, 1] = torch.stack([p.detach().to_local().double().square().sum() for p in params]).sum().cpu()
+        groups.all_reduce_(summed=[sq])
+        sq = sq.to(self.speeds.device)
+        self.speeds += torch.where(sq[:, 1] > 0, sq[:, 0] / sq[:, 1], torch.zeros_like(sq[:, 0]))
         self.window_count += 1
         if self.window_steps is not None and self.window_count % self.window_steps == 0:
             self._end_window()

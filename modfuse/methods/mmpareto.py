@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from modfuse import _checks as check
-from modfuse import ops
+from modfuse import ops, reference
 from modfuse.methods import Method, register
 
 
@@ -61,7 +61,7 @@ class MMPareto(Method):
     requires = ("fused", "unimodal")
     modulates_encoders = True
     plain_gradients = False
-    fsdp2 = False
+    fsdp2 = True
 
     def __init__(self, groups, gamma: float = 1.5, rescale: str = "tensor"):
         super().__init__(groups)
@@ -75,6 +75,9 @@ class MMPareto(Method):
 
     def backward(self, step, total):
         groups = self.groups
+        if groups.fsdp:
+            self._fsdp_backward(step)
+            return
         fused = step.mean(step.fused)
         all_params = [p for pairs in groups.encoders.values() for _, p in pairs]
         by_param = dict(zip(map(id, all_params), groups.grads(fused, all_params)))
@@ -103,6 +106,75 @@ class MMPareto(Method):
             for p, view, f in zip(layout.params, layout.views(out), reached.tolist()):
                 p.grad = view if f > 0 else None
             cos[m] = c
+        self._cos = {m: float(c) for m, c in cos.items()}
+        self.conflicts += sum(1 for c in self._cos.values() if c <= 0)
+
+    def _fsdp_backward(self, step):
+        """FSDP2: one backward per objective (fused, then each modality's unimodal loss), each through FSDP2's own
+        reduce-scatter, so every rank holds its shards of g_mm and g_m; the other parameters accumulate the plain
+        sum. Per tensor, the shard-local partial sums g_mm.g_mm, g_mm.g_m, g_m.g_m are all-reduced in one tiny
+        collective: the encoder's Gram is their sum and ||g_t||^2 = w0^2 xx + 2 w0 w1 xy + w1^2 yy, so each
+        rank combines and rescales its own shards without an all-gather."""
+        groups = self.groups
+        enc = {m: [p for layout in groups.encoder_layouts[m] for p in layout.params] for m in groups.modalities}
+        every = [p for ps in enc.values() for p in ps]
+
+        def take():
+            grads = {id(p): p.grad for p in every}
+            for p in every:
+                p.grad = None
+            return grads
+        groups.backward(step.mean(step.fused), groups.trainable, retain_graph=True)
+        g_mm, g_m = take(), {}
+        for i, m in enumerate(groups.modalities):
+            groups.backward(step.mean(step.unimodal[m]), groups.trainable,
+                            retain_graph=i < len(groups.modalities) - 1)
+            got = take()
+            g_m.update({id(p): got[id(p)] for p in enc[m]})
+        pairs = [(g_mm[id(p)], g_m[id(p)]) for p in every]
+        local = [(None if x is None else x.to_local(), None if y is None else y.to_local()) for x, y in pairs]
+        partial = torch.zeros(len(every), 3, dtype=torch.float64)
+        for t, (x, y) in enumerate(local):
+            xd = None if x is None else x.double()
+            yd = None if y is None else y.double()
+            if xd is not None:
+                partial[t, 0] = xd.square().sum()
+            if xd is not None and yd is not None:
+                partial[t, 1] = (xd * yd).sum()
+            if yd is not None:
+                partial[t, 2] = yd.square().sum()
+        groups.all_reduce_(summed=[partial])
+        cos, t0 = {}, 0
+        for m in groups.modalities:
+            T = len(enc[m])
+            xx, xy, yy = partial[t0:t0 + T].unbind(1)
+            G = torch.stack([torch.stack([xx.sum(), xy.sum()]), torch.stack([xy.sum(), yy.sum()])])
+            w, c = pareto_weights(G)
+            cos[m] = c
+            if self.rescale == "encoder":
+                a, ab, b = G[0, 0], G[0, 1], G[1, 1]
+                g_sq = w[0] ** 2 * a + 2 * w[0] * w[1] * ab + w[1] ** 2 * b
+                factors = (rescale_factor(a + 2 * ab + b, g_sq) * self.gamma).expand(T)
+                coeffs = [w * f for f in factors]
+                factors = torch.ones(T, dtype=torch.float64)
+            else:
+                g_sq = w[0] ** 2 * xx + 2 * w[0] * w[1] * xy + w[1] ** 2 * yy
+                factors = rescale_factor(xx + 2 * xy + yy, g_sq) * self.gamma
+                coeffs = [w] * T
+            for j, p in enumerate(enc[m]):
+                (x, y), (dx, dy) = local[t0 + j], pairs[t0 + j]
+                if x is None and y is None:
+                    p.grad = None
+                    continue
+                acc = reference.accumulation_dtype((x if x is not None else y).dtype)
+                wx, wy = coeffs[j].tolist()
+                with torch.no_grad():
+                    g = (0 if x is None else x.to(acc) * wx) + (0 if y is None else y.to(acc) * wy)
+                    g = g * float(factors[j])
+                    target, grad = (x, dx) if x is not None else (y, dy)
+                    target.copy_(g)
+                p.grad = grad
+            t0 += T
         self._cos = {m: float(c) for m, c in cos.items()}
         self.conflicts += sum(1 for c in self._cos.values() if c <= 0)
 

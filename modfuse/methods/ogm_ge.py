@@ -22,10 +22,12 @@ launch and Op 6 (segment_scale_) scales and adds the noise to all of them in one
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from modfuse import _checks as check
-from modfuse import ops
+from modfuse import ops, reference
 from modfuse.groups import NonFiniteGradient
 from modfuse.methods import Method, reduce_encoder_banks, register
 from modfuse.methods.utilization import true_class_probability
@@ -69,7 +71,7 @@ class OGMGE(Method):
     requires = ("logits", "target")
     modulates_encoders = True
     plain_gradients = False
-    fsdp2 = False
+    fsdp2 = True
 
     def __init__(self, groups, alpha: float = 0.8, ge: bool = True, continuous: bool = False,
                  modulate: str = "matrices", start_epoch: int = 0, end_epoch: int = 50, seed: int = 0):
@@ -104,6 +106,9 @@ class OGMGE(Method):
             scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
                                   for m in groups.modalities]).to(dtype if dtype in (torch.float32, torch.float64)
                                                                   else torch.float64)
+        if groups.fsdp:
+            self._fsdp_backward(total, scores)
+            return
         # one packed collective: the encoder banks, the other gradients and the scores (sums over samples)
         banks = reduce_encoder_banks(groups, total, summed=[] if scores is None else [scores])
         if not active:
@@ -121,6 +126,53 @@ class OGMGE(Method):
                 if noise_std is not None and not bool(torch.isfinite(noise_std).all()):
                     raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
                 ops.segment_scale_(grad, layout.offsets, scale, noise_std=noise_std, generator=self.generator)
+
+    def _fsdp_backward(self, total, scores):
+        """FSDP2: one plain backward through FSDP2's reduce-scatter, then every rank modulates its own shards.
+
+        The whole-tensor statistics the noise needs (each tensor's sum and sum of squares) are shard-local partial
+        sums, all-reduced with the scores in one tiny collective; every rank draws the encoder's whole noise
+        vector (the same generator state everywhere, as one process draws it) and adds its own elements' part."""
+        groups = self.groups
+        groups.backward(total, groups.trainable)
+        if scores is None:
+            self._k = None
+            return
+        layouts = [(u, m, layout) for u, m in enumerate(groups.modalities) for layout in groups.encoder_layouts[m]]
+        params = [p for _, _, layout in layouts for p in layout.params]
+        local = [p.grad.to_local() if p.grad is not None else None for p in params]
+        partial = [torch.zeros(2, dtype=torch.float64) if g is None else
+                   torch.stack([g.double().sum(), g.double().square().sum()]).cpu() for g in local]
+        packed = torch.cat([scores.double().cpu(), *partial]) if partial else scores.double().cpu()
+        groups.all_reduce_(summed=[packed])
+        M = len(groups.modalities)
+        k = modulation(packed[:M], self.alpha, self.continuous)
+        self._k = k
+        sums = packed[M:].view(-1, 2)
+        i = 0
+        for u, m, layout in layouts:
+            acc = reference.accumulation_dtype(layout.dtype)
+            noise = torch.randn(layout.numel, generator=self.generator, dtype=acc, device=layout.device) \
+                if self.ge else None
+            for p, (a, _) in zip(layout.params, layout._bounds):
+                g, (total_sum, sq) = local[i], sums[i].tolist()
+                i += 1
+                modulated = self.modulate == "all" or p.dim() >= 2
+                std = 0.0
+                if self.ge and modulated and p.numel() > 1:
+                    n = p.numel()
+                    std = max(sq - total_sum * total_sum / n, 0.0) / (n - 1)
+                    std = std ** 0.5 + 1e-8
+                    if not math.isfinite(std):
+                        raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
+                if g is None:
+                    continue
+                start, count = groups.shard_range(p)
+                with torch.no_grad():
+                    y = g.to(acc) * (float(k[u]) if modulated else 1.0)
+                    if noise is not None:
+                        y = y + noise[a + start:a + start + count].view_as(y) * std
+                    g.copy_(y)
 
     @staticmethod
     def _noise_std(grad, layout, mask):
