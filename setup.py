@@ -21,7 +21,7 @@ from setuptools import setup
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-import setup_helpers
+import setup_helpers  # noqa: E402 - a file beside setup.py, not an installed module
 
 try:
     import torch
@@ -41,7 +41,7 @@ if with_cuda:
     if arch_list:
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
 
-from torch.utils import cpp_extension
+from torch.utils import cpp_extension  # noqa: E402 - after CUDA_HOME and the arch list are set: it reads them at import
 
 # The standard this torch's headers require (C++17 before torch 2.14, C++20 from 2.14), for g++ and nvcc alike.
 std = "-std=" + setup_helpers.cxx_standard(os.path.join(os.path.dirname(torch.__file__), "include"))

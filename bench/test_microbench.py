@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import modfuse
-from modfuse import reference
 from bench import cases
+from modfuse import reference
 
 D, M = 4 << 20, 3
 

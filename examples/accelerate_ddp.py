@@ -46,7 +46,7 @@ def train(method="calibrated", steps=3, batch_size=8, dtype=torch.float32, on_st
     model, optimizer, loader = accelerator.prepare(net, optimizer, loader)  # model: DDP(net) on 2 processes
     # The Balancer is given the wrapped model; the groups are the plain model's modules.
     balancer = modfuse.Balancer(model, encoders=dict(net.enc), shared=net.head, method=method, **options)
-    for step, (index, audio, video, y) in zip(range(steps), loader):
+    for _step, (index, audio, video, y) in zip(range(steps), loader):
         fused, unimodal = model({"audio": audio.to(dtype), "video": video.to(dtype)})
         optimizer.zero_grad()
         if balancer.backward(fused=F.cross_entropy(fused, y, reduction="none"),  # instead of accelerator.backward

@@ -8,7 +8,7 @@ direct torch.ops.modfuse call cannot touch memory out of bounds.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

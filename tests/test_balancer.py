@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import SharedHeadNet, balancer_for, batch, losses
 
 import modfuse
 from modfuse import reference
 from modfuse.methods import calibrated as calibrated_module
-from _models import SharedHeadNet, balancer_for, batch, losses
 
 DIMS = {"a": 5, "b": 7}
 

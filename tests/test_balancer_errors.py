@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import SharedHeadNet, balancer_for, batch, losses
 
 import modfuse
-from _models import SharedHeadNet, balancer_for, batch, losses
 
 DIMS = {"a": 5, "b": 7}
 

@@ -3,10 +3,10 @@ import re
 
 import pytest
 import torch
+from conftest import DTYPE_IDS, DTYPES, assert_close, gradient_samples, noncontiguous
 
 import modfuse as mf
 from modfuse import reference
-from conftest import DTYPE_IDS, DTYPES, RTOL, assert_close, gradient_samples, noncontiguous
 
 
 def banks(G, dtype):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TARGETS, Target, assert_close, gradient_samples
 
 import modfuse as mf
 from modfuse import reference
-from conftest import TARGETS, Target, assert_close, gradient_samples
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 GPU_TARGETS = [t for t in TARGETS if t.id != "cpu"]

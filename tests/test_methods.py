@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import SharedHeadNet, balancer_for, batch, losses
 
 import modfuse
 from modfuse.methods.i2m2 import i2m2_log_probs
 from modfuse.methods.ogm_ge import concat_head_unimodal_logits, modulation
-from _models import SharedHeadNet, balancer_for, batch, losses
 
 DIMS = {"a": 5, "b": 7}
 
@@ -298,7 +298,7 @@ def test_utilization_lambda_schedule():
     net = SharedHeadNet(DIMS)
     b = balancer_for(net, "utilization", warmup_epochs=10)
     values = []
-    for epoch in range(21):
+    for _ in range(21):
         values.append(b.method.lam())
         b.end_epoch()
     assert values[0] == pytest.approx(1e-3)

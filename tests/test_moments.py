@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import DTYPE_IDS, DTYPES, assert_close, gradient_samples, noncontiguous
 
 import modfuse as mf
 from modfuse import reference
-from conftest import DTYPE_IDS, DTYPES, assert_close, gradient_samples, noncontiguous
 
 
 def acc(dtype):

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import DTYPE_IDS, DTYPES, assert_close
 
 import modfuse as mf
 from modfuse import reference
-from conftest import DTYPE_IDS, DTYPES, RTOL, assert_close
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import DTYPE_IDS, DTYPES, assert_close, noncontiguous
 
 import modfuse as mf
 from modfuse import reference
-from conftest import DTYPE_IDS, DTYPES, RTOL, assert_close, noncontiguous
 
 
 def random_offsets(D, P, gen):

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import setup_helpers as helpers
+import setup_helpers as helpers  # noqa: E402 - a file beside setup.py, found through the path above
 
 DRYRUN = """#$ _HERE_=/opt/toolkit/cuda-13.0/bin
 #$ TOP=/opt/toolkit/cuda-13.0/bin/..

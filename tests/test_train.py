@@ -11,17 +11,16 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import modfuse
-from modfuse.train.compare import compare
 from modfuse.train import data as D
 from modfuse.train import metrics as M
 from modfuse.train.cli import main as cli_main
+from modfuse.train.compare import compare
 from modfuse.train.config import Config, ConfigError
 from modfuse.train.loop import KILL_ENV, RunError, read_metrics, run
 from modfuse.train.models import LateFusionNet

@@ -140,7 +140,7 @@ def test_without_the_train_extra_says_which_extra_to_install():
 def test_comparison_plots_show_every_row_with_the_tables_spread(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     rows = []
-    for i, (label, _) in enumerate(GRID):
+    for label, _ in GRID:
         curves = np.full((3, 4), 0.5) + 0.01 * rng.normal(size=(3, 4))  # rows on top of each other
         noise = 0.9 - 0.1 * np.arange(7)[None] + 0.01 * rng.normal(size=(3, 7))
         per_seed = {"accuracy": list(0.9 + 0.01 * rng.normal(size=3)), "acc_at_max": list(noise[:, -1]),

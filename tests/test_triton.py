@@ -13,10 +13,10 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import RTOL, assert_close, gradient_samples, noncontiguous
 
 import modfuse as mf
 from modfuse import reference
-from conftest import RTOL, assert_close, gradient_samples, noncontiguous
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),

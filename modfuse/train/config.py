@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import tomllib
 import torch
 
 from modfuse.train.metrics import NOISE_VARIANCES
@@ -55,7 +55,7 @@ class Config:
     def uses_unimodal_losses(self) -> bool:
         return self.method in UNIMODAL_METHODS if self.unimodal is None else bool(self.unimodal)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check every field's type and range (a config file can hold anything); raise ConfigError naming it."""
         def bad(name: str, expected: str):
             value = getattr(self, name)
@@ -135,7 +135,7 @@ class Config:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+    def from_dict(cls, values: dict, source: str = "config") -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a JSON/TOML object of options, got a {type(values).__name__}")
         known = {f.name for f in fields(cls)}
