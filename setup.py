@@ -13,6 +13,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST  the GPU architectures (default: the visible GPUs', else "8.0;9.0").
 Progress: the compiler runs under ninja, one line per file; pip shows those lines with -v.
 """
+
 import glob
 import os
 import sys
@@ -46,9 +47,15 @@ from torch.utils import cpp_extension  # noqa: E402 - after CUDA_HOME and the ar
 # The standard this torch's headers require (C++17 before torch 2.14, C++20 from 2.14), for g++ and nvcc alike.
 std = "-std=" + setup_helpers.cxx_standard(os.path.join(os.path.dirname(torch.__file__), "include"))
 arch_flags = os.environ.get("MODFUSE_ARCH_FLAGS", "-march=native").split()
-print(f"modfuse: building against torch {torch.__version__} with {std}, "
-      + (f"CUDA kernels, CUDA_HOME={cuda_home or '(torch decides)'}, TORCH_CUDA_ARCH_LIST={arch_list or '(the GPUs)'}"
-         if with_cuda else "CPU kernels only"), flush=True)
+print(
+    f"modfuse: building against torch {torch.__version__} with {std}, "
+    + (
+        f"CUDA kernels, CUDA_HOME={cuda_home or '(torch decides)'}, TORCH_CUDA_ARCH_LIST={arch_list or '(the GPUs)'}"
+        if with_cuda
+        else "CPU kernels only"
+    ),
+    flush=True,
+)
 cxx_flags = ["-O3", "-fopenmp", std, *arch_flags]
 define_macros = [("MODFUSE_ARCH_FLAGS", '"' + " ".join(arch_flags) + '"')]
 if with_cuda:

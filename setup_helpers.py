@@ -2,6 +2,7 @@
 that builds modfuse._C, and none needs a GPU, so a build box or CI runner builds the same extension a GPU
 machine would (tests/test_build.py covers them).
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,12 @@ def find_cuda_home(environ=os.environ, which=shutil.which, run=subprocess.run) -
     if nvcc is None:
         return None
     try:
-        done = run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True,
-                   text=True, timeout=60)
+        done = run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     home = cuda_home_from_nvcc_dryrun(done.stdout + done.stderr)

@@ -17,6 +17,7 @@ one is kept (and counted the same way, as long as it calls torch.distributed's f
 on the wire under ring algorithms, for a buffer of S bytes (the whole buffer, before reduce-scatter or after
 all-gather) and W ranks: all-reduce 2(W-1)/W*S, reduce-scatter and all-gather (W-1)/W*S, broadcast/reduce S.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,15 +58,28 @@ WRAPPERS = ("process group", "DDP", "FSDP2")
 QUICK = {"batch": 8, "steps": 1, "warmup": 2, "trainer_hidden": 8, "head_hidden": 16, "pix": 6, "zer": 5}
 # collective -> how its buffer size S (the largest tensor, or list of tensors, among its arguments) goes on the
 # wire per rank, as a multiple of S for W ranks
-WIRE = {"all_reduce": lambda w: 2 * (w - 1) / w, "all_reduce_coalesced": lambda w: 2 * (w - 1) / w,
-        "reduce_scatter": lambda w: (w - 1) / w, "reduce_scatter_tensor": lambda w: (w - 1) / w,
-        "reduce_scatter_single": lambda w: (w - 1) / w, "_reduce_scatter_base": lambda w: (w - 1) / w,
-        "all_gather": lambda w: (w - 1) / w, "all_gather_into_tensor": lambda w: (w - 1) / w,
-        "all_gather_single": lambda w: (w - 1) / w, "_all_gather_base": lambda w: (w - 1) / w,
-        "all_gather_coalesced": lambda w: (w - 1) / w, "broadcast": lambda w: 1.0, "reduce": lambda w: 1.0,
-        "all_to_all": lambda w: (w - 1) / w, "all_to_all_single": lambda w: (w - 1) / w,
-        "gather": lambda w: 1.0, "scatter": lambda w: 1.0, "barrier": lambda w: 0.0,
-        "all_gather_object": lambda w: 0.0, "broadcast_object_list": lambda w: 0.0}
+WIRE = {
+    "all_reduce": lambda w: 2 * (w - 1) / w,
+    "all_reduce_coalesced": lambda w: 2 * (w - 1) / w,
+    "reduce_scatter": lambda w: (w - 1) / w,
+    "reduce_scatter_tensor": lambda w: (w - 1) / w,
+    "reduce_scatter_single": lambda w: (w - 1) / w,
+    "_reduce_scatter_base": lambda w: (w - 1) / w,
+    "all_gather": lambda w: (w - 1) / w,
+    "all_gather_into_tensor": lambda w: (w - 1) / w,
+    "all_gather_single": lambda w: (w - 1) / w,
+    "_all_gather_base": lambda w: (w - 1) / w,
+    "all_gather_coalesced": lambda w: (w - 1) / w,
+    "broadcast": lambda w: 1.0,
+    "reduce": lambda w: 1.0,
+    "all_to_all": lambda w: (w - 1) / w,
+    "all_to_all_single": lambda w: (w - 1) / w,
+    "gather": lambda w: 1.0,
+    "scatter": lambda w: 1.0,
+    "barrier": lambda w: 0.0,
+    "all_gather_object": lambda w: 0.0,
+    "broadcast_object_list": lambda w: 0.0,
+}
 
 
 class Counter:
@@ -85,6 +99,7 @@ class Counter:
                 self.bytes += WIRE[name](self.world) * size
                 self.kinds[name] = self.kinds.get(name, 0) + 1
             return fn(*args, **kwargs)
+
         counted.__wrapped__ = fn
         return counted
 
@@ -109,9 +124,13 @@ def make_model(name: str, args):
     torch.manual_seed(0)
     if name == "trainer":
         from modfuse.train.models import LateFusionNet
-        return LateFusionNet({"pix": (args.pix,), "zer": (args.zer,)}, 10, hidden=args.trainer_hidden), \
-            {"pix": args.pix, "zer": args.zer}
+
+        return LateFusionNet({"pix": (args.pix,), "zer": (args.zer,)}, 10, hidden=args.trainer_hidden), {
+            "pix": args.pix,
+            "zer": args.zer,
+        }
     from bench.step_overhead import LateFusion
+
     return LateFusion({"pix": args.pix, "zer": args.zer}, args.head_hidden), {"pix": args.pix, "zer": args.zer}
 
 
@@ -120,6 +139,7 @@ def wrap(net, wrapper: str):
         return torch.nn.parallel.DistributedDataParallel(net)
     if wrapper == "FSDP2":
         from torch.distributed.fsdp import fully_shard
+
         for encoder in net.enc.values():
             fully_shard(encoder)
         fully_shard(net.head)
@@ -133,6 +153,7 @@ def route_ddp_through_python(model):
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return "-"
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
     try:
         model.register_comm_hook(None, default_hooks.allreduce_hook)
         return "DDP buckets via the default all-reduce hook"
@@ -157,16 +178,19 @@ def run_row(counter, model_name, wrapper, case, args):
 
     def step():
         fused, uni = model(xs)
-        losses = {"fused": F.cross_entropy(fused, y, reduction="none"),
-                  "unimodal": {m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()}}
+        losses = {
+            "fused": F.cross_entropy(fused, y, reduction="none"),
+            "unimodal": {m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()},
+        }
         optimizer.zero_grad(set_to_none=True)
         if balancer is None:
             (losses["fused"].mean() + sum(v.mean() for v in losses["unimodal"].values())).backward()
         else:
             if method == "i2m2":
                 losses.pop("fused")
-            balancer.backward(**losses, logits=uni, fused_logits=fused, target=y, forward=lambda d: model(d)[0],
-                              inputs=xs)
+            balancer.backward(
+                **losses, logits=uni, fused_logits=fused, target=y, forward=lambda d: model(d)[0], inputs=xs
+            )
         optimizer.step()
 
     for _ in range(args.warmup):
@@ -180,8 +204,18 @@ def run_row(counter, model_name, wrapper, case, args):
     if any(c != calls or b != nbytes for c, b, _ in per_step):  # report the mean if steps differ
         calls = statistics.mean(c for c, _, _ in per_step)
         nbytes = statistics.mean(b for _, b, _ in per_step)
-    return {"model": model_name, "wrapper": wrapper, "case": label, "method": method, "options": options,
-            "collectives": calls, "bytes": nbytes, "kinds": kinds, "counted": counted_as, "error": None}
+    return {
+        "model": model_name,
+        "wrapper": wrapper,
+        "case": label,
+        "method": method,
+        "options": options,
+        "collectives": calls,
+        "bytes": nbytes,
+        "kinds": kinds,
+        "counted": counted_as,
+        "error": None,
+    }
 
 
 def worker(rank, world, port, args, path):
@@ -199,9 +233,18 @@ def worker(rank, world, port, args, path):
                     try:
                         row = run_row(counter, model_name, wrapper, case, args)
                     except Exception as error:  # noqa: BLE001 - a row that fails is reported, not fatal
-                        row = {"model": model_name, "wrapper": wrapper, "case": case[0], "method": case[1],
-                               "options": case[2], "collectives": None, "bytes": None, "kinds": {}, "counted": "-",
-                               "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+                        row = {
+                            "model": model_name,
+                            "wrapper": wrapper,
+                            "case": case[0],
+                            "method": case[1],
+                            "options": case[2],
+                            "collectives": None,
+                            "bytes": None,
+                            "kinds": {},
+                            "counted": "-",
+                            "error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}",
+                        }
                         if rank == 0 and args.verbose:
                             traceback.print_exc()
                         dist.barrier()  # both ranks failed in the same row (they run the same code); realign
@@ -246,11 +289,16 @@ def goals(rows):
             continue
         own = r["collectives"]
         if r["wrapper"] == "FSDP2":
-            own -= next(b["collectives"] for b in rows if b["model"] == r["model"] and b["wrapper"] == "FSDP2"
-                        and b["method"] is None and not b["error"])
+            own -= next(
+                b["collectives"]
+                for b in rows
+                if b["model"] == r["model"] and b["wrapper"] == "FSDP2" and b["method"] is None and not b["error"]
+            )
         met = r["vs_ddp_bytes"] is not None and r["vs_ddp_bytes"] <= limit and own <= 2
-        message = (f"{'met' if met else 'MISSED'}: {r['vs_ddp_bytes']:.2f}x DDP's bytes (goal <= {limit}x), "
-                   f"{own:g} collectives of the Balancer per step (goal <= 2)")
+        message = (
+            f"{'met' if met else 'MISSED'}: {r['vs_ddp_bytes']:.2f}x DDP's bytes (goal <= {limit}x), "
+            f"{own:g} collectives of the Balancer per step (goal <= 2)"
+        )
         out.append((r, limit, message))
     return out
 
@@ -264,17 +312,33 @@ def write(rows, env, args):
     stem = args.out / f"{env['date'][:10]}-cpu-distributed{'-quick' if args.quick else ''}"
     setup = {k: getattr(args, k) for k in ("batch", "steps", "warmup", "trainer_hidden", "head_hidden", "pix", "zer")}
     setup["world"] = 2
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "setup": setup, "results": rows,
-                                                     "goals": [m for _, _, m in goals(rows)]}, indent=1) + "\n")
-    lines = [f"# modfuse communication per step, {env['date']}", "",
-             (f"2 gloo processes on {env['cpu']}, torch {env['torch']}, modfuse at commit {env['git']}. Batch "
-             f"{args.batch} per rank, float32, SGD; counts of step {args.warmup + 1}..{args.warmup + args.steps} "
-             "(after warm-up). Bytes: per rank on the wire (ring model, see bench/distributed.py). Ratios: against "
-             "DDP's plain step of the same model, and against the same wrapper's plain step."), ""]
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {"environment": env, "setup": setup, "results": rows, "goals": [m for _, _, m in goals(rows)]}, indent=1
+        )
+        + "\n"
+    )
+    lines = [
+        f"# modfuse communication per step, {env['date']}",
+        "",
+        (
+            f"2 gloo processes on {env['cpu']}, torch {env['torch']}, modfuse at commit {env['git']}. Batch "
+            f"{args.batch} per rank, float32, SGD; counts of step {args.warmup + 1}..{args.warmup + args.steps} "
+            "(after warm-up). Bytes: per rank on the wire (ring model, see bench/distributed.py). Ratios: against "
+            "DDP's plain step of the same model, and against the same wrapper's plain step."
+        ),
+        "",
+    ]
     for model_name in args.models:
-        lines += [f"## {model_name}", "", ("| wrapper | case | collectives/step | MB/step | vs DDP bytes | "
-                                           "vs DDP collectives | vs wrapper's plain step | collectives by kind |"),
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {model_name}",
+            "",
+            (
+                "| wrapper | case | collectives/step | MB/step | vs DDP bytes | "
+                "vs DDP collectives | vs wrapper's plain step | collectives by kind |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if r["model"] != model_name:
                 continue
@@ -282,9 +346,11 @@ def write(rows, env, args):
                 lines.append(f"| {r['wrapper']} | {r['case']} | error: {r['error']} | | | | | |")
                 continue
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
-            lines.append(f"| {r['wrapper']} | {r['case']} | {r['collectives']:g} | {r['bytes'] / 1e6:.3f} | "
-                         f"{fmt(r['vs_ddp_bytes'])} | {fmt(r['vs_ddp_collectives'])} | {fmt(r['vs_wrapper_bytes'])} "
-                         f"| {kinds} |")
+            lines.append(
+                f"| {r['wrapper']} | {r['case']} | {r['collectives']:g} | {r['bytes'] / 1e6:.3f} | "
+                f"{fmt(r['vs_ddp_bytes'])} | {fmt(r['vs_ddp_collectives'])} | {fmt(r['vs_wrapper_bytes'])} "
+                f"| {kinds} |"
+            )
         lines.append("")
     lines += ["## Goals (issue 11, calibrated)", ""]
     lines += [f"- {r['model']}, {r['wrapper']}, {r['case']}: {message}" for r, _, message in goals(rows)]
@@ -311,16 +377,24 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.models, args.wrappers, args.methods = (s.split(",") for s in (args.models, args.wrappers, args.methods))
-    for name, given, known in (("--models", args.models, ("trainer", "head1024")), ("--wrappers", args.wrappers, WRAPPERS),
-                               ("--methods", args.methods, _methods.names())):
+    for name, given, known in (
+        ("--models", args.models, ("trainer", "head1024")),
+        ("--wrappers", args.wrappers, WRAPPERS),
+        ("--methods", args.methods, _methods.names()),
+    ):
         unknown = [x for x in given if x not in known]
         if unknown:
             parser.error(f"{name}: unknown {unknown[0]!r}; choose from {', '.join(known)}")
     if args.quick:
         vars(args).update(QUICK)
     env = environment()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                            cwd=Path(__file__).resolve().parent)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parent,
+    )
     env["git"] = commit.stdout.strip() or "unknown"
     print(f"communication per step | 2 gloo processes | {env['cpu']} | torch {torch.__version__}\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ Run it from the repository root. Every stage appends to <out>/<date>-<device>-pr
 output) and rewrites <out>/<date>-<device>-proof.json (device, driver, CUDA, torch, triton; each stage's
 commands, exit codes and seconds). Exit status: 0 when every command of the stage(s) passed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("build", "test", "sanitize", "bench")
 STAGE_SECONDS = 470  # each stage inside 8 minutes, so one stage is one 10-minute command
-OP_TESTS = ["tests/test_segment_sq_norms.py", "tests/test_moments.py", "tests/test_linear_moments.py",
-            "tests/test_calibrated_aggregate.py", "tests/test_gram.py", "tests/test_weighted_sum.py",
-            "tests/test_segment_scale.py"]
+OP_TESTS = [
+    "tests/test_segment_sq_norms.py",
+    "tests/test_moments.py",
+    "tests/test_linear_moments.py",
+    "tests/test_calibrated_aggregate.py",
+    "tests/test_gram.py",
+    "tests/test_weighted_sum.py",
+    "tests/test_segment_scale.py",
+]
 # Registration check: run after the build in a fresh interpreter, so it sees the extension just built.
 CHECK_REGISTRATION = """
 import torch, modfuse, modfuse._C as C
@@ -45,24 +52,45 @@ print(f"modfuse._C: with_cuda={C.with_cuda}; {len(OPS)} ops have kernels for {',
 
 
 def pytest_command(files: list[str], select: str | None = None) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(["-k", select] if select else []),
-            *files]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        *(["-k", select] if select else []),
+        *files,
+    ]
 
 
 def build_commands(dry_run: bool) -> list[list[str]]:
     if dry_run:  # setup.py's whole configuration (torch, C++ standard, CUDA home, arch list), no compiling
         build = [sys.executable, "setup.py", "--version"]
     else:
-        build = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-v",
-                 "-e", "."]
+        build = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "-v",
+            "-e",
+            ".",
+        ]
     return [build, [sys.executable, "-c", CHECK_REGISTRATION]]
 
 
 def test_commands(dry_run: bool) -> list[list[str]]:
     if dry_run:  # the GPU test file (it skips without a GPU) and the registration test, quick on the CPU
         return [pytest_command(["tests/test_gpu.py"]), pytest_command(["tests/test_opcheck.py"], "one_name")]
-    return [pytest_command(["tests/test_gpu.py"]),
-            pytest_command(["tests/test_opcheck.py", *OP_TESTS], "cuda or triton or one_name")]
+    return [
+        pytest_command(["tests/test_gpu.py"]),
+        pytest_command(["tests/test_opcheck.py", *OP_TESTS], "cuda or triton or one_name"),
+    ]
 
 
 def sanitizer() -> str | None:
@@ -71,6 +99,7 @@ def sanitizer() -> str | None:
         return found
     sys.path.insert(0, str(ROOT))
     import setup_helpers
+
     home = setup_helpers.find_cuda_home()
     candidate = Path(home or "/usr/local/cuda") / "bin" / "compute-sanitizer"
     return str(candidate) if candidate.is_file() else None
@@ -85,8 +114,10 @@ def sanitize_commands(dry_run: bool) -> list[list[str]]:
     if tool is None:
         raise SystemExit("compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
     tests = pytest_command(OP_TESTS, "cuda and not hypothesis")
-    return [[tool, "--tool", name, "--error-exitcode", "1", "--target-processes", "all", *tests]
-            for name in ("memcheck", "racecheck")]
+    return [
+        [tool, "--tool", name, "--error-exitcode", "1", "--target-processes", "all", *tests]
+        for name in ("memcheck", "racecheck")
+    ]
 
 
 def bench_commands(dry_run: bool, out: Path) -> list[list[str]]:
@@ -96,15 +127,22 @@ def bench_commands(dry_run: bool, out: Path) -> list[list[str]]:
 
 
 def commands(stage: str, dry_run: bool, out: Path) -> list[list[str]]:
-    return {"build": lambda: build_commands(dry_run), "test": lambda: test_commands(dry_run),
-            "sanitize": lambda: sanitize_commands(dry_run), "bench": lambda: bench_commands(dry_run, out)}[stage]()
+    return {
+        "build": lambda: build_commands(dry_run),
+        "test": lambda: test_commands(dry_run),
+        "sanitize": lambda: sanitize_commands(dry_run),
+        "bench": lambda: bench_commands(dry_run, out),
+    }[stage]()
 
 
 def run_stage(stage: str, dry_run: bool, out: Path, log) -> dict:
     """Run the stage's commands in order, stopping at the first failure; the stage shares one time budget."""
     record = {"stage": stage, "dry_run": dry_run, "commands": []}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     if dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal never touches a GPU, even where there is one
     deadline = time.monotonic() + STAGE_SECONDS
@@ -117,12 +155,24 @@ def run_stage(stage: str, dry_run: bool, out: Path, log) -> dict:
         entry = {"command": line, "returncode": None, "seconds": None, "timed_out": False}
         record["commands"].append(entry)
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, timeout=max(deadline - time.monotonic(), 1), check=False)
+            done = subprocess.run(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=max(deadline - time.monotonic(), 1),
+                check=False,
+            )
             entry["returncode"], output = done.returncode, done.stdout
         except subprocess.TimeoutExpired as expired:
-            entry["timed_out"], output = True, (expired.stdout or b"").decode(errors="replace") \
-                if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+            entry["timed_out"], output = (
+                True,
+                (expired.stdout or b"").decode(errors="replace")
+                if isinstance(expired.stdout, bytes)
+                else (expired.stdout or ""),
+            )
         entry["seconds"] = round(time.monotonic() - started, 1)
         log.write(output)
         log.flush()
@@ -137,10 +187,19 @@ def run_stage(stage: str, dry_run: bool, out: Path, log) -> dict:
 
 def proof_environment() -> dict:
     """Device, driver, CUDA, torch and triton, read in a fresh interpreter (after a build, it sees the new _C)."""
-    code = ("import json, torch; from bench.harness import environment; "
-            "print(json.dumps(environment('cuda' if torch.cuda.is_available() else 'cpu')))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    code = (
+        "import json, torch; from bench.harness import environment; "
+        "print(json.dumps(environment('cuda' if torch.cuda.is_available() else 'cpu')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     if done.returncode != 0:
         return {"error": done.stderr[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -150,8 +209,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=(*STAGES, "all"), required=True)
     parser.add_argument("--dry-run", action="store_true", help="rehearse on the CPU: CPU tensors, small sizes")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                        help="where the log, the proof record and the benchmark tables go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="where the log, the proof record and the benchmark tables go",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -162,6 +225,7 @@ def main(argv=None) -> int:
     for stage in stages:
         if tag is None:  # the GPU's name (after a build the environment can be read)
             from bench.harness import device_tag
+
             env = proof_environment()
             tag = device_tag(env) if "device" in env else "unknown"
         log_path = args.out / f"{date}-{tag}-proof.log"

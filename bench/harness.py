@@ -3,6 +3,7 @@
 One timer for both devices: CUDA events around each call on a GPU, perf_counter on the CPU; median over
 repeats after warm-up. Results go to bench/results/<date>-<device tag>[-suffix].{json,md}.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -93,16 +94,24 @@ def environment(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device), "cpu": cpu_name(), "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "triton": triton_version, "modfuse": modfuse.__version__, "python": platform.python_version(),
+        "device": device_name(device),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "modfuse": modfuse.__version__,
+        "python": platform.python_version(),
         "driver": _first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        if device.type == "cuda" else None,
+        if device.type == "cuda"
+        else None,
         "gcc": _first_line(["gcc", "--version"]) or "unknown",
         "arch_flags": getattr(modfuse.ops._C, "cpu_arch_flags", None),
         "cuda_build": modfuse.ops._cuda_built(),

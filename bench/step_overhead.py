@@ -11,6 +11,7 @@ step, measured by wrapping them: the rest of a method's extra cost is the extra 
 needs by definition (calibrated microbatch: R*K backwards into the head; mmpareto: M+1 backwards; utilization:
 M extra forwards).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ CASES = [  # (label, method, options, pass unimodal losses)
 class LateFusion(nn.Module):
     def __init__(self, dims, hidden, classes=10):
         super().__init__()
-        self.enc = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                                   nn.ReLU()) for m, d in dims.items()})
+        self.enc = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+                for m, d in dims.items()
+            }
+        )
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
     def forward(self, xs):
@@ -86,8 +91,14 @@ def measure(label, method, options, unimodal, args, device):
             times.append(time.perf_counter() - start)
             op_times.append(spent[0] - before)
     # (the wrapped timing adds a perf_counter pair per op call: negligible against these steps)
-    return {"case": label, "method": method, "options": options, "unimodal": unimodal,
-            "step_ms": statistics.median(times) * 1e3, "ops_ms": statistics.median(op_times) * 1e3}
+    return {
+        "case": label,
+        "method": method,
+        "options": options,
+        "unimodal": unimodal,
+        "step_ms": statistics.median(times) * 1e3,
+        "ops_ms": statistics.median(op_times) * 1e3,
+    }
 
 
 def main(argv=None):
@@ -105,17 +116,23 @@ def main(argv=None):
     device = torch.device(args.device)
     env = environment()
     env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"step overhead | {env['device']} {env['cpu'] if device.type == 'cpu' else ''} | torch {torch.__version__} | "
-          f"hidden {args.hidden}, batch {args.batch}\n", flush=True)
+    print(
+        f"step overhead | {env['device']} {env['cpu'] if device.type == 'cpu' else ''} | torch {torch.__version__} | "
+        f"hidden {args.hidden}, batch {args.batch}\n",
+        flush=True,
+    )
     rows = [measure(*case, args, device) for case in CASES]
     base, control = rows[0]["step_ms"], rows[1]["step_ms"]
     for row in rows:
         row["vs_none"] = row["step_ms"] / base
         row["vs_control"] = row["step_ms"] / control
         row["ops_fraction"] = row["ops_ms"] / row["step_ms"]
-        print(f"{row['case']:30s} step {row['step_ms']:8.2f} ms  x{row['vs_none']:5.2f} vs none  "
-              f"x{row['vs_control']:5.2f} vs control  modfuse ops {row['ops_ms']:6.2f} ms "
-              f"({100 * row['ops_fraction']:4.1f}% of the step)", flush=True)
+        print(
+            f"{row['case']:30s} step {row['step_ms']:8.2f} ms  x{row['vs_none']:5.2f} vs none  "
+            f"x{row['vs_control']:5.2f} vs control  modfuse ops {row['ops_ms']:6.2f} ms "
+            f"({100 * row['ops_fraction']:4.1f}% of the step)",
+            flush=True,
+        )
     write(rows, env, args)
 
 
@@ -124,18 +141,25 @@ def write(rows, env, args):
     tag = "cpu" if env["device"] == "cpu" else env["device"].replace(" ", "-").lower()
     stem = args.out / f"{env['date'][:10]}-{tag}-step-overhead{'-quick' if args.quick else ''}"
     setup = {"hidden": args.hidden, "batch": args.batch, "repeats": args.repeats}
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "setup": setup, "results": rows}, indent=1)
-                                         + "\n")
-    lines = [f"# modfuse step overhead, {env['date']}", "",
-             f"{env['device']} ({env['cpu']}, {env['threads']} threads), torch {env['torch']}. Late fusion of two "
-             f"MLP encoders (240 and 47 inputs, hidden {args.hidden}) with a shared Linear-ReLU-Linear head, batch "
-             f"{args.batch}, Adam. Median of {args.repeats} steps. 'control' = fused + unimodal losses, plain "
-             "gradients.", "",
-             "| method | step ms | vs none | vs control | modfuse ops ms | ops share of step |",
-             "|---|---|---|---|---|---|"]
+    stem.with_suffix(".json").write_text(
+        json.dumps({"environment": env, "setup": setup, "results": rows}, indent=1) + "\n"
+    )
+    lines = [
+        f"# modfuse step overhead, {env['date']}",
+        "",
+        f"{env['device']} ({env['cpu']}, {env['threads']} threads), torch {env['torch']}. Late fusion of two "
+        f"MLP encoders (240 and 47 inputs, hidden {args.hidden}) with a shared Linear-ReLU-Linear head, batch "
+        f"{args.batch}, Adam. Median of {args.repeats} steps. 'control' = fused + unimodal losses, plain "
+        "gradients.",
+        "",
+        "| method | step ms | vs none | vs control | modfuse ops ms | ops share of step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['step_ms']:.2f} | {r['vs_none']:.2f}x | {r['vs_control']:.2f}x | "
-                     f"{r['ops_ms']:.2f} | {100 * r['ops_fraction']:.1f}% |")
+        lines.append(
+            f"| {r['case']} | {r['step_ms']:.2f} | {r['vs_none']:.2f}x | {r['vs_control']:.2f}x | "
+            f"{r['ops_ms']:.2f} | {100 * r['ops_fraction']:.1f}% |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 

@@ -3,6 +3,7 @@
 Not part of the test suite (testpaths = tests). Timings are CPU timings of this machine; for the side-by-side
 table with ratios use `python -m bench`.
 """
+
 import pytest
 import torch
 

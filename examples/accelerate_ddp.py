@@ -8,6 +8,7 @@ late-fusion network (modfuse.train.models.LateFusionNet) on random data. --out w
 sample indices of each step, the last step's gradients and the final parameters (tests/test_integrations.py
 compares them with one process on the concatenated batches).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,16 @@ def make_net(seed: int = 0) -> LateFusionNet:
 def make_data(samples: int = 64, seed: int = 1) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(samples, *s, generator=g) for s in SHAPES.values()]
-    return torch.utils.data.TensorDataset(torch.arange(samples), *xs, torch.randint(0, CLASSES, (samples,), generator=g))
+    return torch.utils.data.TensorDataset(
+        torch.arange(samples), *xs, torch.randint(0, CLASSES, (samples,), generator=g)
+    )
 
 
 def train(method="calibrated", steps=3, batch_size=8, dtype=torch.float32, on_step=None, **options):
-# [readme: accelerate]
-    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo",
-                                                                                  timeout=timedelta(seconds=60))])
+    # [readme: accelerate]
+    accelerator = Accelerator(
+        cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=60))]
+    )
     net = make_net().to(dtype)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(make_data(), batch_size=batch_size)
@@ -49,11 +53,14 @@ def train(method="calibrated", steps=3, batch_size=8, dtype=torch.float32, on_st
     for _step, (index, audio, video, y) in zip(range(steps), loader):
         fused, unimodal = model({"audio": audio.to(dtype), "video": video.to(dtype)})
         optimizer.zero_grad()
-        if balancer.backward(fused=F.cross_entropy(fused, y, reduction="none"),  # instead of accelerator.backward
-                             unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in unimodal.items()},
-                             logits=unimodal, target=y):
+        if balancer.backward(
+            fused=F.cross_entropy(fused, y, reduction="none"),  # instead of accelerator.backward
+            unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in unimodal.items()},
+            logits=unimodal,
+            target=y,
+        ):
             optimizer.step()
-# [/readme: accelerate]
+        # [/readme: accelerate]
         if on_step is not None:
             on_step(index, net)
     return accelerator, net, balancer
@@ -75,12 +82,15 @@ def main(argv=None):
             indices.append(index.tolist())
             grads.update({n: None if p.grad is None else p.grad.detach().clone() for n, p in net.named_parameters()})
 
-        accelerator, net, balancer = train(method, args.steps, dtype=torch.float64 if args.double else torch.float32,
-                                           on_step=record, **options)
+        accelerator, net, balancer = train(
+            method, args.steps, dtype=torch.float64 if args.double else torch.float32, on_step=record, **options
+        )
         if args.out:
             params = {n: p.detach().clone() for n, p in net.named_parameters()}
-            torch.save({"indices": indices, "grads": grads, "params": params, "world": accelerator.num_processes},
-                       f"{args.out}.{method}.{accelerator.process_index}")
+            torch.save(
+                {"indices": indices, "grads": grads, "params": params, "world": accelerator.num_processes},
+                f"{args.out}.{method}.{accelerator.process_index}",
+            )
         print(f"rank {accelerator.process_index}: {method}, {len(indices)} steps, stats {balancer.stats()}")
     accelerator.end_training()
 

@@ -18,6 +18,7 @@ What the loop shows:
 - `balancer.end_epoch()` once per epoch (greedy's window, utilization's schedule, ogm_ge's active epochs), and
   `balancer.stats()` for logging (the method's statistics of the last step, a dict of floats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ NEEDS_UNIMODAL = ("calibrated", "mmpareto", "mimo", "inforeg")
 def make_data(n: int, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Two views of one label: audio separates the classes well, video weakly (class signal 0.6 under unit noise)."""
     y = torch.randint(0, CLASSES, (n,), generator=generator)
-    centres = {"audio": torch.randn(CLASSES, 8, generator=torch.Generator().manual_seed(1)) * 1.5,
-               "video": torch.randn(CLASSES, 32, generator=torch.Generator().manual_seed(2)) * 0.6}
+    centres = {
+        "audio": torch.randn(CLASSES, 8, generator=torch.Generator().manual_seed(1)) * 1.5,
+        "video": torch.randn(CLASSES, 32, generator=torch.Generator().manual_seed(2)) * 0.6,
+    }
     xs = {m: c[y] + torch.randn(n, c.shape[1], generator=generator) for m, c in centres.items()}
     return xs, y
 
@@ -66,8 +69,9 @@ def accuracies(model: LateFusion, xs, y) -> dict[str, float]:
     return out
 
 
-def main(method: str = "ogm_ge", epochs: int = 8, options: dict | None = None, seed: int = 0,
-         verbose: bool = True) -> dict:
+def main(
+    method: str = "ogm_ge", epochs: int = 8, options: dict | None = None, seed: int = 0, verbose: bool = True
+) -> dict:
     """Train with `method`; returns the test accuracies and the Balancer's last statistics."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -77,8 +81,10 @@ def main(method: str = "ogm_ge", epochs: int = 8, options: dict | None = None, s
     batch_size = 64
     steps_per_epoch = -(-train_y.shape[0] // batch_size)
 
-    defaults = {"ogm_ge": {"alpha": 0.8},
-                "utilization": {"target": 0.5, "warmup_epochs": 2, "steps_per_epoch": steps_per_epoch}}
+    defaults = {
+        "ogm_ge": {"alpha": 0.8},
+        "utilization": {"target": 0.5, "warmup_epochs": 2, "steps_per_epoch": steps_per_epoch},
+    }
     options = {**defaults.get(method, {}), **(options or {})}
     balancer = modfuse.Balancer(model, encoders=dict(model.encoders), shared=model.head, method=method, **options)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -91,9 +97,14 @@ def main(method: str = "ogm_ge", epochs: int = 8, options: dict | None = None, s
             fused_logits, logits = model(xs)
             optimizer.zero_grad()  # Balancer.backward adds to .grad, as loss.backward() does
             # Everything a method may read; each method uses what it needs (README: "needs" column).
-            step = {"fused": F.cross_entropy(fused_logits, y, reduction="none"),  # per-sample losses [N]
-                    "logits": logits, "fused_logits": fused_logits, "target": y,
-                    "forward": lambda d: model(d)[0], "inputs": xs}  # utilization re-runs the model
+            step = {
+                "fused": F.cross_entropy(fused_logits, y, reduction="none"),  # per-sample losses [N]
+                "logits": logits,
+                "fused_logits": fused_logits,
+                "target": y,
+                "forward": lambda d: model(d)[0],
+                "inputs": xs,
+            }  # utilization re-runs the model
             if method in NEEDS_UNIMODAL:
                 step["unimodal"] = {m: F.cross_entropy(lg, y, reduction="none") for m, lg in logits.items()}
             if balancer.backward(**step):  # False: a NaN/Inf loss, the step was skipped
@@ -103,8 +114,11 @@ def main(method: str = "ogm_ge", epochs: int = 8, options: dict | None = None, s
         acc = accuracies(model, test_x, test_y)
         if verbose:
             stats = ", ".join(f"{k} {v:.3g}" for k, v in balancer.stats().items())
-            print(f"epoch {epoch + 1}: test accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
-                  + (f" | {stats}" if stats else ""))
+            print(
+                f"epoch {epoch + 1}: test accuracy "
+                + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+                + (f" | {stats}" if stats else "")
+            )
     return {"accuracy": acc, "stats": balancer.stats()}
 
 
@@ -122,7 +136,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="ogm_ge", choices=modfuse.methods.names())
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="a method option, e.g. alpha=0.3 (ogm_ge) or moments=per_sample (calibrated)")
+    parser.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, e.g. alpha=0.3 (ogm_ge) or moments=per_sample (calibrated)",
+    )
     args = parser.parse_args()
     main(args.method, args.epochs, dict(args.option))

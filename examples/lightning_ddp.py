@@ -7,6 +7,7 @@ The model is the reference trainer's late-fusion network (modfuse.train.models.L
 --out writes, per method and rank, the sample indices of each step, the last step's gradients and the final parameters
 (tests/test_integrations.py compares them with one process on the concatenated batches).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def make_net(seed: int = 0) -> LateFusionNet:
 def make_data(samples: int = 64, seed: int = 1) -> torch.utils.data.TensorDataset:
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(samples, *s, generator=g) for s in SHAPES.values()]
-    return torch.utils.data.TensorDataset(torch.arange(samples), *xs, torch.randint(0, CLASSES, (samples,), generator=g))
+    return torch.utils.data.TensorDataset(
+        torch.arange(samples), *xs, torch.randint(0, CLASSES, (samples,), generator=g)
+    )
 
 
 # [readme: lightning]
@@ -44,17 +47,25 @@ class BalancedModule(L.LightningModule):
 
     def on_train_start(self):
         # Built once the strategy has wrapped the model: the Balancer is given the wrapper (DDP here).
-        self.balancer = modfuse.Balancer(self.trainer.strategy.model, encoders=dict(self.net.enc),
-                                         shared=self.net.head, method=self.method, **self.options)
+        self.balancer = modfuse.Balancer(
+            self.trainer.strategy.model,
+            encoders=dict(self.net.enc),
+            shared=self.net.head,
+            method=self.method,
+            **self.options,
+        )
 
     def training_step(self, batch, batch_idx):
         _, audio, video, y = batch  # (sample index, inputs, labels)
         fused, unimodal = self.net({"audio": audio, "video": video})
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        if self.balancer.backward(fused=F.cross_entropy(fused, y, reduction="none"),
-                                  unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in unimodal.items()},
-                                  logits=unimodal, target=y):
+        if self.balancer.backward(
+            fused=F.cross_entropy(fused, y, reduction="none"),
+            unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in unimodal.items()},
+            logits=unimodal,
+            target=y,
+        ):
             optimizer.step()
 
     def configure_optimizers(self):
@@ -63,11 +74,21 @@ class BalancedModule(L.LightningModule):
 
 def fit(method="calibrated", steps=3, batch_size=8, precision="32-true", callbacks=(), **options):
     module = BalancedModule(make_net(), method, **options)
-    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=steps, precision=precision, callbacks=list(callbacks),
-                        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        max_steps=steps,
+        precision=precision,
+        callbacks=list(callbacks),
+        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(make_data(), batch_size=batch_size))
     return trainer, module
+
+
 # [/readme: lightning]
 
 
@@ -97,8 +118,10 @@ def main(argv=None):
         trainer, module = fit(method, args.steps, precision=args.precision, callbacks=[record], **options)
         if args.out:
             params = {n: p.detach().clone() for n, p in module.net.named_parameters()}
-            torch.save({"indices": record.indices, "grads": record.grads, "params": params,
-                        "world": trainer.world_size}, f"{args.out}.{method}.{trainer.global_rank}")
+            torch.save(
+                {"indices": record.indices, "grads": record.grads, "params": params, "world": trainer.world_size},
+                f"{args.out}.{method}.{trainer.global_rank}",
+            )
         print(f"rank {trainer.global_rank}: {method}, {trainer.global_step} steps, stats {module.balancer.stats()}")
 
 

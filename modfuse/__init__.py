@@ -1,4 +1,5 @@
 """modfuse: fused one-pass per-modality gradient statistics for balanced multimodal learning."""
+
 from modfuse import methods, reference
 from modfuse.balancer import Balancer
 from modfuse.ops import (

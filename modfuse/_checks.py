@@ -5,6 +5,7 @@ gets the same clear message whichever backend would have run it: TypeError for a
 ValueError for a wrong shape, device, value or layout. The C++ kernels keep only short internal guards so that a
 direct torch.ops.modfuse call cannot touch memory out of bounds.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,10 @@ def tensor(name: str, t, *, dims: Sequence[int] | int, dtypes=FLOAT_DTYPES) -> t
 def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.device != reference.device:
-            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}: "
-                             "all tensor arguments must be on one device")
+            raise ValueError(
+                f"{name} is on {t.device} but {reference_name} is on {reference.device}: "
+                "all tensor arguments must be on one device"
+            )
 
 
 def shape(name: str, t: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
@@ -48,8 +51,10 @@ def shape(name: str, t: torch.Tensor, expected: Sequence[int], meaning: str) -> 
 def contiguous_output(name: str, t: torch.Tensor) -> None:
     """In-place targets are written through their data pointer: a strided view cannot be taken."""
     if not t.is_contiguous():
-        raise ValueError(f"{name} is written in place and must be contiguous (got strides {t.stride()}); "
-                         "pass a contiguous tensor, e.g. a view of a flat gradient bank")
+        raise ValueError(
+            f"{name} is written in place and must be contiguous (got strides {t.stride()}); "
+            "pass a contiguous tensor, e.g. a view of a flat gradient bank"
+        )
 
 
 def modalities(name: str, M: int) -> None:
@@ -89,9 +94,11 @@ def opinion_param(name: str, value: float, dtype: torch.dtype, *, subnormal_ok: 
     smallest = info.smallest_normal * info.eps if subnormal_ok else info.smallest_normal
     as_float32 = _round_to_float32(float(value))
     if not smallest <= as_float32 < float("inf"):
-        raise ValueError(f"{name} = {value} becomes {as_float32} in float32, the accumulation dtype of "
-                         f"{str(dtype).removeprefix('torch.')} inputs: pass {name} in [{smallest:.3g}, "
-                         f"{info.max:.3g}] (or float64 inputs)")
+        raise ValueError(
+            f"{name} = {value} becomes {as_float32} in float32, the accumulation dtype of "
+            f"{str(dtype).removeprefix('torch.')} inputs: pass {name} in [{smallest:.3g}, "
+            f"{info.max:.3g}] (or float64 inputs)"
+        )
 
 
 def offsets(off, D: int) -> torch.Tensor:
@@ -112,13 +119,15 @@ def offsets(off, D: int) -> torch.Tensor:
     if int(off[0]) != 0:
         raise ValueError(f"offsets must start at 0, got offsets[0] = {int(off[0])}")
     if int(off[-1]) != D:
-        raise ValueError(f"offsets must end at D = {D} (the length of the flattened dimension), "
-                         f"got offsets[-1] = {int(off[-1])}")
+        raise ValueError(
+            f"offsets must end at D = {D} (the length of the flattened dimension), got offsets[-1] = {int(off[-1])}"
+        )
     steps = off[1:] - off[:-1]
     if bool((steps < 0).any()):
         p = int(torch.nonzero(steps < 0)[0])
-        raise ValueError(f"offsets must not decrease: offsets[{p}] = {int(off[p])} > offsets[{p + 1}] = "
-                         f"{int(off[p + 1])}")
+        raise ValueError(
+            f"offsets must not decrease: offsets[{p}] = {int(off[p])} > offsets[{p + 1}] = {int(off[p + 1])}"
+        )
     return off
 
 
@@ -138,8 +147,10 @@ def counts(n, M: int, device, dtype) -> torch.Tensor:
     bad = ~(host >= 2) | ~torch.isfinite(host)
     if bool(bad.any()):
         m = int(torch.nonzero(bad)[0])
-        raise ValueError(f"n[{m}] = {float(host[m])}: every modality needs a finite count n >= 2 "
-                         "(a sample variance needs at least two samples)")
+        raise ValueError(
+            f"n[{m}] = {float(host[m])}: every modality needs a finite count n >= 2 "
+            "(a sample variance needs at least two samples)"
+        )
     return host.to(device=device, dtype=dtype)
 
 
@@ -148,5 +159,7 @@ def finite_per_modality(name: str, t: torch.Tensor) -> None:
     bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(dim=1)
     if bool(bad.any()):
         m = int(torch.nonzero(bad)[0])
-        raise ValueError(f"{name} has NaN or Inf values in modality {m} (index {m} along dim 0); "
-                         "check_finite=True rejects non-finite gradients")
+        raise ValueError(
+            f"{name} has NaN or Inf values in modality {m} (index {m} along dim 0); "
+            "check_finite=True rejects non-finite gradients"
+        )

@@ -21,6 +21,7 @@ Under torch.distributed (a plain process group, DistributedDataParallel or FSDP2
 gradients one process would compute on the concatenated batch (modfuse.groups says how, README "Distributed").
 The Balancer composes the groups layer (modfuse.groups: parameter groups, banks, collectives) and a method.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,17 @@ class Balancer:
     and gives DDP its own gradient sync back.
     """
 
-    def __init__(self, model: torch.nn.Module, encoders: Mapping[str, object], shared=None,
-                 method: str = "calibrated", *, on_nonfinite: str = "skip", replicas: str = "check", **options):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        encoders: Mapping[str, object],
+        shared=None,
+        method: str = "calibrated",
+        *,
+        on_nonfinite: str = "skip",
+        replicas: str = "check",
+        **options,
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(encoders, Mapping) or not encoders:
@@ -70,9 +80,9 @@ class Balancer:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
-        self.steps = 0          # steps taken (skipped steps not counted)
-        self.skipped = 0        # steps skipped for a non-finite loss or gradient
-        self.epoch = 0          # epochs finished (Balancer.end_epoch)
+        self.steps = 0  # steps taken (skipped steps not counted)
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.epoch = 0  # epochs finished (Balancer.end_epoch)
         self.groups = groups = Groups(model, encoders, shared, replicas=replicas)
         try:
             self.method = _methods.create(method, groups, **options)
@@ -80,8 +90,9 @@ class Balancer:
             # method acts on encoder gradients.
             for m, pairs in groups.encoders.items():
                 if not pairs and self.method.modulates_encoders:
-                    raise ValueError(f"encoders[{m!r}] has no trainable parameters, but method {method!r} acts on "
-                                     "encoder gradients")
+                    raise ValueError(
+                        f"encoders[{m!r}] has no trainable parameters, but method {method!r} acts on encoder gradients"
+                    )
         except BaseException:
             groups.close()
             raise
@@ -95,10 +106,17 @@ class Balancer:
     trainable = property(lambda self: self.groups.trainable)
 
     # -- the step ---------------------------------------------------------------------------------------------
-    def backward(self, fused: torch.Tensor | None = None, unimodal: Mapping[str, torch.Tensor] | None = None, *,
-                 logits: Mapping[str, torch.Tensor] | None = None, fused_logits: torch.Tensor | None = None,
-                 target: torch.Tensor | None = None, forward: Callable | None = None,
-                 inputs: Mapping | None = None) -> bool:
+    def backward(
+        self,
+        fused: torch.Tensor | None = None,
+        unimodal: Mapping[str, torch.Tensor] | None = None,
+        *,
+        logits: Mapping[str, torch.Tensor] | None = None,
+        fused_logits: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        forward: Callable | None = None,
+        inputs: Mapping | None = None,
+    ) -> bool:
         """Compute this step's gradients into `.grad` (adding to what is there). Returns False if skipped.
 
         Args:
@@ -127,15 +145,23 @@ class Balancer:
                 self.method.load_state_dict(method_state)
                 raise
             error = e
-        rows = ([step.batch_size() if m in step.unimodal else 0 for m in self.modalities] +
-                [step.batch_size() if step.fused is not None else 0]) if step is not None else [0] * (len(self.modalities) + 1)
+        rows = (
+            (
+                [step.batch_size() if m in step.unimodal else 0 for m in self.modalities]
+                + [step.batch_size() if step.fused is not None else 0]
+            )
+            if step is not None
+            else [0] * (len(self.modalities) + 1)
+        )
         agreed = groups.agree(error is not None, bad_loss is not None, step.batch_size() if step else 0, rows)
         if error is not None or agreed.failed_ranks:
             self.method.load_state_dict(method_state)
             if error is not None:
                 raise error
-            raise RuntimeError(f"Balancer.backward raised on rank(s) {agreed.failed_ranks} at step {self.steps} "
-                               "(see their error); this rank stops too, no gradient was changed")
+            raise RuntimeError(
+                f"Balancer.backward raised on rank(s) {agreed.failed_ranks} at step {self.steps} "
+                "(see their error); this rank stops too, no gradient was changed"
+            )
         names = self.modalities + ["fused"]
         step.row_samples = dict(zip(names, agreed.rows))
         step.row_ranks = dict(zip(names, agreed.ranks_with_row))
@@ -171,8 +197,10 @@ class Balancer:
         local (no collective); the first call after the block reduces them with its own, in one collective.
         Only for methods whose gradients are plain (none, i2m2, mimo, utilization); the others raise."""
         if not self.method.plain_gradients:
-            raise ValueError(f"method {type(self.method).name!r} forms its gradients from each step's statistics "
-                             "across ranks, so it must sync every call: accumulate without no_sync()")
+            raise ValueError(
+                f"method {type(self.method).name!r} forms its gradients from each step's statistics "
+                "across ranks, so it must sync every call: accumulate without no_sync()"
+            )
         if self.groups.fsdp:
             raise ValueError("Balancer.no_sync() under FSDP2: use the model's set_requires_gradient_sync(False)")
         self.groups.synced = False
@@ -194,16 +222,22 @@ class Balancer:
         return self.method.stats()
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "skipped": self.skipped, "epoch": self.epoch,
-                "method": type(self.method).name, "method_state": self.method.state_dict()}
+        return {
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "epoch": self.epoch,
+            "method": type(self.method).name,
+            "method_state": self.method.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """All or nothing: the state is validated in full (the method's part too) before anything changes."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from Balancer.state_dict(), got {type(state).__name__}")
         if state.get("method") != type(self.method).name:
-            raise ValueError(f"the state is of method {state.get('method')!r}, this Balancer runs "
-                             f"{type(self.method).name!r}")
+            raise ValueError(
+                f"the state is of method {state.get('method')!r}, this Balancer runs {type(self.method).name!r}"
+            )
         counters = {}
         for key in ("steps", "skipped", "epoch"):
             value = state.get(key)
@@ -233,15 +267,19 @@ class Balancer:
     def _step(self, fused, unimodal, logits, fused_logits, target, forward, inputs) -> Step:
         for arg, value in (("unimodal", unimodal), ("logits", logits)):
             if value is not None and not isinstance(value, Mapping):
-                raise TypeError(f"{arg} must be a dict of modality name -> tensor (keys "
-                                f"{', '.join(map(repr, self.modalities))}), got {type(value).__name__}")
+                raise TypeError(
+                    f"{arg} must be a dict of modality name -> tensor (keys "
+                    f"{', '.join(map(repr, self.modalities))}), got {type(value).__name__}"
+                )
         unimodal = dict(unimodal or {})
         logits = dict(logits or {})
         for arg, d in (("unimodal", unimodal), ("logits", logits)):
             unknown = [k for k in d if k not in self.modalities]
             if unknown:
-                raise ValueError(f"{arg} has key {unknown[0]!r}, which is not a modality of this Balancer "
-                                 f"({', '.join(map(repr, self.modalities))})")
+                raise ValueError(
+                    f"{arg} has key {unknown[0]!r}, which is not a modality of this Balancer "
+                    f"({', '.join(map(repr, self.modalities))})"
+                )
         # Keep modality order (it is the row order of the banks).
         unimodal = {m: unimodal[m] for m in self.modalities if m in unimodal}
         logits = {m: logits[m] for m in self.modalities if m in logits}
@@ -255,8 +293,9 @@ class Balancer:
             if loss.dim() > 1:
                 raise ValueError(f"{name} must be a per-sample vector [N] or a scalar, got shape {tuple(loss.shape)}")
             if not loss.requires_grad:
-                raise ValueError(f"{name} does not require grad: compute it from the model's outputs with "
-                                 "autograd enabled")
+                raise ValueError(
+                    f"{name} does not require grad: compute it from the model's outputs with autograd enabled"
+                )
         for need in self.method.requires:
             value = getattr(step, need)
             if value is None or (isinstance(value, dict) and set(value) != set(self.modalities)):
@@ -280,8 +319,12 @@ class Balancer:
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message + "no gradient was changed (on_nonfinite='raise')")
         self.skipped += 1
-        warnings.warn(message + "the step is skipped: no gradient, method state or counter changed; do not call "
-                      "optimizer.step() for it (backward returned False)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            message + "the step is skipped: no gradient, method state or counter changed; do not call "
+            "optimizer.step() for it (backward returned False)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
 
     def _check_reached(self) -> None:
@@ -290,9 +333,11 @@ class Balancer:
         for group, pairs in [(f"encoders[{m!r}]", ps) for m, ps in self.encoders.items()] + [("shared", self.shared)]:
             for name, p in pairs:
                 if p.grad is None and id(p) not in held:
-                    raise ValueError(f"parameter {name!r} of {group} received no gradient from the losses of this "
-                                     "step: remove it from the group, freeze it (requires_grad=False), or make the "
-                                     "objectives depend on it")
+                    raise ValueError(
+                        f"parameter {name!r} of {group} received no gradient from the losses of this "
+                        "step: remove it from the group, freeze it (requires_grad=False), or make the "
+                        "objectives depend on it"
+                    )
 
     def _add_back(self, saved: dict) -> None:
         """Gradient accumulation: add what .grad held before the call to this call's contribution (except what a

@@ -10,6 +10,7 @@ all-reduce):
 - `FlatParams.grad_rows(R)`: an [R, D] buffer in the parameters' dtype whose rows are gradients of several
   objectives (mmpareto), or whose row 0 serves as the parameters' `.grad` (ogm_ge, greedy).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,8 +31,10 @@ class FlatParams:
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         for p, name in zip(self.params, self.names):
             if p.device != self.device or p.dtype != self.dtype:
-                raise ValueError(f"parameter {name!r} is {p.dtype} on {p.device}; a FlatParams group holds one "
-                                 f"dtype and device ({self.dtype} on {self.device})")
+                raise ValueError(
+                    f"parameter {name!r} is {p.dtype} on {p.device}; a FlatParams group holds one "
+                    f"dtype and device ({self.dtype} on {self.device})"
+                )
         sizes = [p.numel() for p in self.params]
         self.offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0)
         self.numel = int(self.offsets[-1])

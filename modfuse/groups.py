@@ -19,6 +19,7 @@ ranks), which is what one process on the concatenated batch gives for mean-reduc
 could differ between ranks (an error, a non-finite loss, a parameter reached on some ranks only) are agreed in
 one tiny all-reduce before any gradient collective, so that every rank skips or raises together.
 """
+
 from __future__ import annotations
 
 import gc
@@ -51,11 +52,13 @@ def _named(names: dict[int, str], what, group: str) -> list[tuple[str, torch.nn.
     out = []
     for p in params:
         if not isinstance(p, torch.nn.Parameter):
-            raise TypeError(f"{group} must be a module or an iterable of nn.Parameter, got an item of type "
-                            f"{type(p).__name__}")
+            raise TypeError(
+                f"{group} must be a module or an iterable of nn.Parameter, got an item of type {type(p).__name__}"
+            )
         if id(p) not in names:
-            raise ValueError(f"a parameter of {group} (shape {tuple(p.shape)}) is not a parameter of the model "
-                             "given to Balancer")
+            raise ValueError(
+                f"a parameter of {group} (shape {tuple(p.shape)}) is not a parameter of the model given to Balancer"
+            )
         if p.requires_grad:
             out.append((names[id(p)], p))
     return out
@@ -68,6 +71,7 @@ def _find_ddp(module: torch.nn.Module):
     a few levels, once, at construction.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     level, seen = [module], {id(module)}
     for _ in range(3):
         up = []
@@ -85,11 +89,13 @@ def _find_ddp(module: torch.nn.Module):
 def unwrap(model: torch.nn.Module):
     """(the module holding the parameters, the DDP wrapper or None, True under FSDP2)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     ddp = model if isinstance(model, DDP) else (_find_ddp(model) if distributed() else None)
     module = ddp.module if ddp is not None else model
     fsdp = False
     try:
         from torch.distributed.fsdp import FSDPModule
+
         fsdp = any(isinstance(m, FSDPModule) for m in module.modules())
     except ImportError:  # pragma: no cover - torch without FSDP2
         pass
@@ -102,8 +108,8 @@ class Agreement:
 
     failed_ranks: list[int]
     nonfinite: bool
-    batch: float           # N: the sum of the ranks' batch sizes
-    rows: list[float]      # per objective row: samples over all ranks that have it (0: absent everywhere)
+    batch: float  # N: the sum of the ranks' batch sizes
+    rows: list[float]  # per objective row: samples over all ranks that have it (0: absent everywhere)
     ranks_with_row: list[int]
 
 
@@ -129,26 +135,32 @@ class Groups:
         for group, pairs in [(f"encoders[{m!r}]", ps) for m, ps in self.encoders.items()] + [("shared", self.shared)]:
             for name, p in pairs:
                 if id(p) in owner:
-                    raise ValueError(f"parameter {name!r} is in both {owner[id(p)]} and {group}: each parameter "
-                                     "may belong to one group only")
+                    raise ValueError(
+                        f"parameter {name!r} is in both {owner[id(p)]} and {group}: each parameter "
+                        "may belong to one group only"
+                    )
                 owner[id(p)] = group
         self.others = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in owner]
-        self.trainable = [p for _, ps in self.encoders.items() for _, p in ps] + \
-                         [p for _, p in self.shared] + [p for _, p in self.others]
+        self.trainable = (
+            [p for _, ps in self.encoders.items() for _, p in ps]
+            + [p for _, p in self.shared]
+            + [p for _, p in self.others]
+        )
         self.encoder_layouts = {m: self.layouts(pairs) for m, pairs in self.encoders.items()}
         self.shared_layouts = self.layouts(self.shared)
         self.distributed = distributed()
         self.world = dist.get_world_size() if distributed() else 1
         self.rank = dist.get_rank() if distributed() else 0
-        self.weight = 1.0 / self.world       # this rank's share of the step (N_r / N), set by agree()
-        self.synced = True                   # False inside Balancer.no_sync(): collectives are deferred
-        self.pending: dict[int, torch.Tensor] = {}   # id(p) -> local gradient accumulated under no_sync
+        self.weight = 1.0 / self.world  # this rank's share of the step (N_r / N), set by agree()
+        self.synced = True  # False inside Balancer.no_sync(): collectives are deferred
+        self.pending: dict[int, torch.Tensor] = {}  # id(p) -> local gradient accumulated under no_sync
         if self.ddp is not None:
             # DDP's reducer expects exactly one backward per forward; the Balancer runs several, so it reduces
             # itself (see the module docstring).
             # Restored by close(), or when the Groups is collected (a discarded Balancer).
-            self._give_back = weakref.finalize(self, setattr, self.ddp, "require_backward_grad_sync",
-                                               self.ddp.require_backward_grad_sync)
+            self._give_back = weakref.finalize(
+                self, setattr, self.ddp, "require_backward_grad_sync", self.ddp.require_backward_grad_sync
+            )
             self.ddp.require_backward_grad_sync = False
         elif distributed() and not self.fsdp and replicas != "trust":
             self._check_replicas(broadcast=replicas == "broadcast")
@@ -188,8 +200,9 @@ class Groups:
         one launch. Rows 1.. are free for the method. Returns (banks: modality -> [(layout, buffer)], reached:
         ids of the parameters the backward reached). Nothing is reduced yet: see `reduce_banks_`.
         """
-        banks = {m: [(layout, layout.grad_rows(rows)) for layout in layouts]
-                 for m, layouts in self.encoder_layouts.items()}
+        banks = {
+            m: [(layout, layout.grad_rows(rows)) for layout in layouts] for m, layouts in self.encoder_layouts.items()
+        }
         reached: set[int] = set()
         handles = []
         for layouts in banks.values():
@@ -208,22 +221,28 @@ class Groups:
     def agree(self, failed: bool, nonfinite: bool, batch: int, rows: Sequence[int]) -> Agreement:
         """One tiny all-reduce: did any rank fail or see a non-finite loss, the batch sizes, the objective rows
         present per rank. Sets this rank's weight N_r / N."""
-        if not distributed() or not self.synced:   # inside no_sync(): local decisions, no collective
-            return Agreement([0] if failed else [], nonfinite, float(batch), [float(r) for r in rows],
-                             [int(r > 0) for r in rows])
+        if not distributed() or not self.synced:  # inside no_sync(): local decisions, no collective
+            return Agreement(
+                [0] if failed else [], nonfinite, float(batch), [float(r) for r in rows], [int(r > 0) for r in rows]
+            )
         W = self.world
         flags = torch.zeros(W + 2 + 2 * len(rows), dtype=torch.float64)
         flags[self.rank] = float(failed)
         flags[W] = float(nonfinite)
         flags[W + 1] = float(batch)
-        flags[W + 2:W + 2 + len(rows)] = torch.tensor([float(r) for r in rows], dtype=torch.float64)
-        flags[W + 2 + len(rows):] = torch.tensor([float(r > 0) for r in rows], dtype=torch.float64)
+        flags[W + 2 : W + 2 + len(rows)] = torch.tensor([float(r) for r in rows], dtype=torch.float64)
+        flags[W + 2 + len(rows) :] = torch.tensor([float(r > 0) for r in rows], dtype=torch.float64)
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)
         values = flags.tolist()
         N = values[W + 1]
         self.weight = batch / N if N > 0 else 1.0 / W
-        return Agreement([r for r in range(W) if values[r] > 0], values[W] > 0, N,
-                         values[W + 2:W + 2 + len(rows)], [int(v) for v in values[W + 2 + len(rows):]])
+        return Agreement(
+            [r for r in range(W) if values[r] > 0],
+            values[W] > 0,
+            N,
+            values[W + 2 : W + 2 + len(rows)],
+            [int(v) for v in values[W + 2 + len(rows) :]],
+        )
 
     def all_reduce_(self, weighted: Iterable[torch.Tensor] = (), summed: Iterable[torch.Tensor] = ()) -> None:
         """Sum tensors over ranks in place, `weighted` ones after scaling by this rank's N_r / N.
@@ -242,7 +261,7 @@ class Groups:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             start = 0
             for t, _ in group:
-                t.copy_(flat[start:start + t.numel()].view_as(t))
+                t.copy_(flat[start : start + t.numel()].view_as(t))
                 start += t.numel()
 
     def scatter_apply_gather(self, rows: torch.Tensor, apply, extra: torch.Tensor, extra_weighted: int):
@@ -260,23 +279,23 @@ class Groups:
         send = torch.zeros(W, C * Dw + Ew, **kw)
         padded = torch.zeros(C, W * Dw, **kw)
         padded[:, :D] = rows
-        send[:, :C * Dw] = padded.view(C, W, Dw).transpose(0, 1).reshape(W, C * Dw)
+        send[:, : C * Dw] = padded.view(C, W, Dw).transpose(0, 1).reshape(W, C * Dw)
         tail = torch.zeros(W * Ew, **kw)
         tail[:E] = extra
         tail[:extra_weighted] *= self.weight
-        send[:, C * Dw:] = tail.view(W, Ew)
+        send[:, C * Dw :] = tail.view(W, Ew)
         mine = torch.empty(C * Dw + Ew, **kw)
         dist.reduce_scatter_tensor(mine, send.view(-1), op=dist.ReduceOp.SUM)
         # the last rank's slice may hold padding (zeros): `apply` is told how many elements are real
         real = max(0, min(D - self.rank * Dw, Dw))
-        out, sums = apply(mine[:C * Dw].view(C, Dw), real)
-        payload = torch.cat([out.to(rows.dtype), mine[C * Dw:], sums.to(rows.dtype).reshape(-1)])
+        out, sums = apply(mine[: C * Dw].view(C, Dw), real)
+        payload = torch.cat([out.to(rows.dtype), mine[C * Dw :], sums.to(rows.dtype).reshape(-1)])
         gathered = torch.empty(W * payload.numel(), **kw)
         dist.all_gather_into_tensor(gathered, payload)
         gathered = gathered.view(W, -1)
         result = gathered[:, :Dw].reshape(-1)[:D]
-        extra_out = gathered[:, Dw:Dw + Ew].reshape(-1)[:E]
-        return result, gathered[:, Dw + Ew:].sum(0), extra_out
+        extra_out = gathered[:, Dw : Dw + Ew].reshape(-1)[:E]
+        return result, gathered[:, Dw + Ew :].sum(0), extra_out
 
     def shard_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
         """FSDP2: (first element, element count) of this rank's shard of `p` within p's flattened full tensor
@@ -303,18 +322,18 @@ class Groups:
             r = (b - a) // max(d0, 1)
             chunk = -(-d0 // W)
             padded = torch.zeros(C, W * chunk * r, dtype=rows.dtype, device=rows.device)
-            padded[:, :b - a] = rows[:, a:b]
+            padded[:, : b - a] = rows[:, a:b]
             blocks.append(padded.view(C, W, chunk * r))
             local_rows = max(0, min(d0 - self.rank * chunk, chunk))
             where.append((p, start, local_rows * r))
             start += chunk * r
         L = start
         send = torch.empty(W, C * L + E, dtype=rows.dtype, device=rows.device)
-        send[:, :C * L] = torch.cat(blocks, 2).transpose(0, 1).reshape(W, C * L)
-        send[:, C * L:] = replicated.reshape(1, E)
+        send[:, : C * L] = torch.cat(blocks, 2).transpose(0, 1).reshape(W, C * L)
+        send[:, C * L :] = replicated.reshape(1, E)
         mine = torch.empty(C * L + E, dtype=rows.dtype, device=rows.device)
         dist.reduce_scatter_tensor(mine, send.view(-1), op=dist.ReduceOp.SUM)
-        return mine[:C * L].view(C, L), where, mine[C * L:]
+        return mine[: C * L].view(C, L), where, mine[C * L :]
 
     def grads_to_reduce(self, params: Sequence[torch.nn.Parameter]) -> tuple[list, list, torch.Tensor | None]:
         """Flat buffers holding the local `.grad` of `params` (zeros where None, plus what no_sync() deferred)
@@ -331,8 +350,11 @@ class Groups:
                     view.add_(self.pending[id(p)])
             flats.append(flat)
         first = layouts[0]
-        reached = torch.tensor([float(p.grad is not None or id(p) in self.pending) for layout in layouts
-                                for p in layout.params], dtype=first.dtype, device=first.device)
+        reached = torch.tensor(
+            [float(p.grad is not None or id(p) in self.pending) for layout in layouts for p in layout.params],
+            dtype=first.dtype,
+            device=first.device,
+        )
         return list(zip(layouts, flats)), flats, reached
 
     def finish_grads(self, pairs, reached: torch.Tensor | None) -> None:
@@ -358,8 +380,12 @@ class Groups:
         if not grads:
             return []
         local = [g.to_local() if hasattr(g, "to_local") else g for _, g in grads]
-        maxima = torch.stack([m.double().cpu() if m.device.type != "cpu" else m.double()
-                              for m in torch._foreach_norm(local, ord=float("inf"))])
+        maxima = torch.stack(
+            [
+                m.double().cpu() if m.device.type != "cpu" else m.double()
+                for m in torch._foreach_norm(local, ord=float("inf"))
+            ]
+        )
         bad = (~torch.isfinite(maxima)).nonzero().flatten().tolist()
         return [self.name_of(grads[i][0]) for i in bad]
 
@@ -379,14 +405,16 @@ class Groups:
             differ = torch.tensor([0.0 if torch.equal(mine, theirs) else 1.0], dtype=torch.float64)
             dist.all_reduce(differ)
             if differ.item() > 0:
-                raise ValueError(f"the model's parameters differ between ranks ({int(differ.item())} rank(s) differ "
-                                 "from rank 0): seed the initialisation identically, or pass replicas='broadcast' "
-                                 "to copy rank 0's parameters")
+                raise ValueError(
+                    f"the model's parameters differ between ranks ({int(differ.item())} rank(s) differ "
+                    "from rank 0): seed the initialisation identically, or pass replicas='broadcast' "
+                    "to copy rank 0's parameters"
+                )
 
     def close(self) -> None:
         """Give DDP its own gradient sync back."""
         if self.ddp is not None:
-            self._give_back()   # runs once
+            self._give_back()  # runs once
 
     def after_step(self) -> None:
         """DDP broadcasts buffers before a forward only when its backward sync is on; keep that behaviour."""

@@ -24,6 +24,7 @@ holding NaN or Inf; this costs one extra read of the inputs.
 
 None of these ops is differentiable: they compute statistics of gradients.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -43,8 +44,17 @@ except ImportError as error:  # pragma: no cover - exercised only in a broken in
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 # Every op, by the name it has in every layer: torch.ops.modfuse.<op>, modfuse.reference.<op>, modfuse.ops.<op>.
-OPS = ("segment_sq_norms", "moments", "moments_accumulate_", "linear_moments", "calibrated_aggregate",
-       "calibrated_aggregate_samples", "gram", "weighted_sum", "segment_scale_")
+OPS = (
+    "segment_sq_norms",
+    "moments",
+    "moments_accumulate_",
+    "linear_moments",
+    "calibrated_aggregate",
+    "calibrated_aggregate_samples",
+    "gram",
+    "weighted_sum",
+    "segment_scale_",
+)
 _warned: set[str] = set()
 
 
@@ -59,6 +69,7 @@ def _triton(op: str):
 
 def _triton_segment_sq_norms(x, offsets):
     from modfuse.triton.segment_sq_norms import piece_tensors
+
     return torch.ops.modfuse_triton.segment_sq_norms(x, *piece_tensors(offsets, x.device))
 
 
@@ -71,7 +82,8 @@ KERNELS = {
     # the reference takes offsets on the data's device, and noise after noise_std
     ("segment_sq_norms", "reference"): lambda x, off: reference.segment_sq_norms(x, off.to(x.device)),
     ("segment_scale_", "reference"): lambda x, off, scale, noise, noise_std: reference.segment_scale_(
-        x, off.to(x.device), scale, noise_std, noise=noise),
+        x, off.to(x.device), scale, noise_std, noise=noise
+    ),
     ("segment_sq_norms", "triton"): _triton_segment_sq_norms,
     ("linear_moments", "triton"): _triton("linear_moments"),
     ("calibrated_aggregate", "triton"): _triton("calibrated_aggregate"),
@@ -124,21 +136,26 @@ def _backend(backend: str, device: torch.device, op: str) -> str:
         if not triton_backend.installed():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
         if not triton_backend.runs_on(device):
-            raise ValueError(f"backend='triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got "
-                             f"tensors on {device}")
+            raise ValueError(
+                f"backend='triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got tensors on {device}"
+            )
         triton_backend.load()
         return backend
     if backend == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' runs CUDA tensors only, got tensors on {device}")
         if not _cuda_built():
-            raise RuntimeError("backend='cuda': this build of modfuse._C has no CUDA kernels (it was built against a "
-                               "torch without CUDA); reinstall with a CUDA torch: pip install --no-build-isolation -e .")
+            raise RuntimeError(
+                "backend='cuda': this build of modfuse._C has no CUDA kernels (it was built against a "
+                "torch without CUDA); reinstall with a CUDA torch: pip install --no-build-isolation -e ."
+            )
         return backend
     if _C is None:
         if backend == "cpu":
-            raise RuntimeError(f"backend='cpu' needs the compiled extension modfuse._C, which failed to import "
-                               f"({_IMPORT_ERROR}); rebuild with `pip install --no-build-isolation -e .`")
+            raise RuntimeError(
+                f"backend='cpu' needs the compiled extension modfuse._C, which failed to import "
+                f"({_IMPORT_ERROR}); rebuild with `pip install --no-build-isolation -e .`"
+            )
         _warn_once("no_C", f"modfuse._C is not available ({_IMPORT_ERROR}); using the slow reference backend")
         return "reference"
     if device.type == "cpu":
@@ -150,8 +167,10 @@ def _backend(backend: str, device: torch.device, op: str) -> str:
     if device.type == "cuda" and op in TRITON_OPS and triton_backend.installed():
         triton_backend.load()
         return "triton"
-    _warn_once(f"device:{device.type}:{op}", f"modfuse has no compiled kernel for {op} on {device.type} tensors in "
-                                             "this build; using the reference backend")
+    _warn_once(
+        f"device:{device.type}:{op}",
+        f"modfuse has no compiled kernel for {op} on {device.type} tensors in this build; using the reference backend",
+    )
     return "reference"
 
 
@@ -234,8 +253,7 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, bac
     check.same_device("x", x, gy=gy)
     if gy.shape[:-1] != x.shape[:-1]:
         lead = "[N]" if x.dim() == 2 else "[N, T]"
-        raise ValueError(f"gy must match x in its leading dims {lead}: x is {tuple(x.shape)}, "
-                         f"gy is {tuple(gy.shape)}")
+        raise ValueError(f"gy must match x in its leading dims {lead}: x is {tuple(x.shape)}, gy is {tuple(gy.shape)}")
     result = _run("linear_moments", backend, x.device, x, gy)
     return tuple(result) if bias else tuple(result[:2])
 
@@ -263,14 +281,25 @@ def _counts(n, M: int, device, dtype) -> torch.Tensor:
     if n.dim() != 1 or n.numel() != M:
         raise ValueError(f"n must have shape [M] = ({M},) (one count per modality of S1), got {tuple(n.shape)}")
     counts = n.to(device=device, dtype=dtype)
-    torch._assert_async(((counts >= 2) & torch.isfinite(counts)).all(),
-                        "every modality needs a finite count n >= 2 (a sample variance needs two samples)")
+    torch._assert_async(
+        ((counts >= 2) & torch.isfinite(counts)).all(),
+        "every modality needs a finite count n >= 2 (a sample variance needs two samples)",
+    )
     return counts
 
 
-def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1.0, eps: float | None = None,
-                         evidence_max: float = 1e6, return_uncertainty: bool = False, *,
-                         check_finite: bool = False, backend: str = "auto"):
+def calibrated_aggregate(
+    S1: torch.Tensor,
+    S2: torch.Tensor,
+    n,
+    kappa: float = 1.0,
+    eps: float | None = None,
+    evidence_max: float = 1e6,
+    return_uncertainty: bool = False,
+    *,
+    check_finite: bool = False,
+    backend: str = "auto",
+):
     """Uncertainty-calibrated aggregation of M modalities' gradients (Op 4), one pass over S1 and S2.
 
     Per element d: mean mu_m = S1_m / n_m, sample variance v_m, evidence e_m = clamp(n_m mu_m^2 / (v_m + eps)
@@ -301,14 +330,31 @@ def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n, kappa: float = 1
     if check_finite:
         check.finite_per_modality("S1", S1)
         check.finite_per_modality("S2", S2)
-    result = _run("calibrated_aggregate", backend, S1.device, S1.contiguous(), S2.contiguous(), counts, kappa, eps,
-                  evidence_max, return_uncertainty)
+    result = _run(
+        "calibrated_aggregate",
+        backend,
+        S1.device,
+        S1.contiguous(),
+        S2.contiguous(),
+        counts,
+        kappa,
+        eps,
+        evidence_max,
+        return_uncertainty,
+    )
     return _aggregate_result(result, return_uncertainty)
 
 
-def calibrated_aggregate_samples(G: torch.Tensor, kappa: float = 1.0, eps: float | None = None,
-                                 evidence_max: float = 1e6, return_uncertainty: bool = False, *,
-                                 check_finite: bool = False, backend: str = "auto"):
+def calibrated_aggregate_samples(
+    G: torch.Tensor,
+    kappa: float = 1.0,
+    eps: float | None = None,
+    evidence_max: float = 1e6,
+    return_uncertainty: bool = False,
+    *,
+    check_finite: bool = False,
+    backend: str = "auto",
+):
     """Op 4 straight from the samples G[M, K, D] (2 <= K <= 64): G is read once and S1/S2 never exist.
 
     Same math and returns as calibrated_aggregate with n_m = K, but the variance is the two-pass
@@ -318,15 +364,18 @@ def calibrated_aggregate_samples(G: torch.Tensor, kappa: float = 1.0, eps: float
     M, K, D = G.shape
     check.modalities("G", M)
     if not 2 <= K <= check.MAX_SAMPLES:
-        raise ValueError(f"G must hold 2 <= K <= {check.MAX_SAMPLES} samples along dim 1, got K = {K}; for more "
-                         "samples accumulate moments (moments / moments_accumulate_) and call calibrated_aggregate")
+        raise ValueError(
+            f"G must hold 2 <= K <= {check.MAX_SAMPLES} samples along dim 1, got K = {K}; for more "
+            "samples accumulate moments (moments / moments_accumulate_) and call calibrated_aggregate"
+        )
     if D < 1:
         raise ValueError("G must have D >= 1 elements per sample, got D = 0")
     kappa, eps, evidence_max = _aggregate_args(kappa, eps, evidence_max, G.dtype)
     if check_finite:
         check.finite_per_modality("G", G)
-    result = _run("calibrated_aggregate_samples", backend, G.device, G.contiguous(), kappa, eps, evidence_max,
-                  return_uncertainty)
+    result = _run(
+        "calibrated_aggregate_samples", backend, G.device, G.contiguous(), kappa, eps, evidence_max, return_uncertainty
+    )
     return _aggregate_result(result, return_uncertainty)
 
 
@@ -350,8 +399,9 @@ def gram(X: torch.Tensor, *, check_finite: bool = False, backend: str = "auto") 
 
 
 # Op 6 ---------------------------------------------------------------------------------------------------------
-def weighted_sum(X: torch.Tensor, w: torch.Tensor, *, check_finite: bool = False,
-                 backend: str = "auto") -> torch.Tensor:
+def weighted_sum(
+    X: torch.Tensor, w: torch.Tensor, *, check_finite: bool = False, backend: str = "auto"
+) -> torch.Tensor:
     """out[D] = sum_r w_r X_r, in X's dtype.
 
     Args:
@@ -369,17 +419,20 @@ def weighted_sum(X: torch.Tensor, w: torch.Tensor, *, check_finite: bool = False
     else:
         check.shape("w", w, (R, D), "[R, D]")
         if w.dtype != X.dtype:
-            raise TypeError(f"w of shape [R, D] must have X's dtype {str(X.dtype).removeprefix('torch.')}, got "
-                            f"{str(w.dtype).removeprefix('torch.')} (convert it once yourself; a hidden "
-                            "conversion would cost a pass over R * D values)")
+            raise TypeError(
+                f"w of shape [R, D] must have X's dtype {str(X.dtype).removeprefix('torch.')}, got "
+                f"{str(w.dtype).removeprefix('torch.')} (convert it once yourself; a hidden "
+                "conversion would cost a pass over R * D values)"
+            )
     if check_finite:
         check.finite_per_modality("X", X)
         check.finite_per_modality("w", w.reshape(R, -1))
     return _run("weighted_sum", backend, X.device, X.contiguous(), w.contiguous())
 
 
-def segment_scale_(x: torch.Tensor, offsets, scale, *, noise_std=None, generator: torch.Generator | None = None,
-                   backend: str = "auto") -> torch.Tensor:
+def segment_scale_(
+    x: torch.Tensor, offsets, scale, *, noise_std=None, generator: torch.Generator | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """Scale every segment of x in place: x[seg p] *= scale[p]; with noise_std also add N(0, noise_std[p]^2).
 
     Args:
@@ -439,12 +492,19 @@ if _C is not None:
     def _linear_moments_fake(x, gy):
         acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
         O, I = gy.shape[-1], x.shape[-1]
-        return (x.new_empty(O, I, dtype=acc), x.new_empty(O, I, dtype=acc), x.new_empty(O, dtype=acc),
-                x.new_empty(O, dtype=acc))
+        return (
+            x.new_empty(O, I, dtype=acc),
+            x.new_empty(O, I, dtype=acc),
+            x.new_empty(O, dtype=acc),
+            x.new_empty(O, dtype=acc),
+        )
 
     def _aggregate_fake(like, M, D, return_uncertainty):
-        return (like.new_empty(D), like.new_empty(M, 4, dtype=_acc(like.dtype)),
-                like.new_empty(D if return_uncertainty else 0))
+        return (
+            like.new_empty(D),
+            like.new_empty(M, 4, dtype=_acc(like.dtype)),
+            like.new_empty(D if return_uncertainty else 0),
+        )
 
     @torch.library.register_fake("modfuse::calibrated_aggregate")
     def _calibrated_aggregate_fake(S1, S2, n, kappa=1.0, eps=None, evidence_max=1e6, return_uncertainty=False):

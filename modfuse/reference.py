@@ -5,6 +5,7 @@ accumulation dtype of the contract: float64 for float64 inputs, float32 for floa
 float64 copies of the inputs to get the exact answer a kernel is compared with. No argument checks here: the
 public entry points in modfuse.ops validate before they dispatch to any backend, this one included.
 """
+
 from __future__ import annotations
 
 import torch
@@ -108,9 +109,7 @@ def _aggregate(mu, v, n, kappa, eps, evidence_max, return_uncertainty, out_dtype
     """Steps 2-5 of Op 4 from means and variances; shared by both forms."""
     e, b, u = calibration_opinions(mu, v, n, kappa, eps, evidence_max)
     out = (b * mu).sum(0)  # subset masses collapse to coefficient b_m per modality (docs/math.md, Op 4 step 5)
-    stats = torch.stack(
-        [mu.square().sum(1), (b * mu).square().sum(1), b.mean(1), (e == 0).to(mu.dtype).mean(1)], dim=1
-    )
+    stats = torch.stack([mu.square().sum(1), (b * mu).square().sum(1), b.mean(1), (e == 0).to(mu.dtype).mean(1)], dim=1)
     result = (out.to(out_dtype), stats)
     if return_uncertainty:
         result += (u.prod(0).to(out_dtype),)  # fused uncertainty: the mass of "no modality believed"

@@ -1,4 +1,5 @@
 """Small multimodal models and data shared by the API, method and distributed tests."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,12 @@ class SharedHeadNet(nn.Module):
 
     def __init__(self, dims: dict[str, int], hidden: int = 16, classes: int = 3, fused_twice: bool = False):
         super().__init__()
-        self.enc = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                                   nn.ReLU()) for m, d in dims.items()})
+        self.enc = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+                for m, d in dims.items()
+            }
+        )
         self.fuse = nn.Linear(hidden, hidden)
         self.head = nn.Linear(hidden, classes)
         self.fused_twice = fused_twice
@@ -40,11 +45,18 @@ def batch(dims: dict[str, int], N: int = 24, classes: int = 3, seed: int = 0):
 def losses(net, xs, y):
     """Everything Balancer.backward can take, for any method."""
     fused, uni = net(xs)
-    return dict(fused=F.cross_entropy(fused, y, reduction="none"),
-                unimodal={m: F.cross_entropy(l, y, reduction="none") for m, l in uni.items()},
-                logits=uni, fused_logits=fused, target=y, forward=lambda d: net(d)[0], inputs=xs)
+    return dict(
+        fused=F.cross_entropy(fused, y, reduction="none"),
+        unimodal={m: F.cross_entropy(l, y, reduction="none") for m, l in uni.items()},
+        logits=uni,
+        fused_logits=fused,
+        target=y,
+        forward=lambda d: net(d)[0],
+        inputs=xs,
+    )
 
 
 def balancer_for(net, method, **options):
     import modfuse
+
     return modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method=method, **options)

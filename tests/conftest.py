@@ -1,4 +1,5 @@
 """Shared fixtures: NaN-poisoned allocations, dtype tolerances, random inputs."""
+
 from __future__ import annotations
 
 import pytest
@@ -86,26 +87,35 @@ class Target:
 
     def skip_unless(self, op: str) -> None:
         from modfuse.ops import TRITON_OPS
+
         if self.backend == "triton" and op not in TRITON_OPS:
             pytest.skip(f"no Triton kernel for {op}")
 
 
 def _cuda_backend_ready() -> bool:
     import modfuse.ops
+
     return torch.cuda.is_available() and modfuse.ops._cuda_built()
 
 
 def _gpu_triton_ready() -> bool:
     import importlib.util
+
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 TARGETS = [
     pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skipif(
-        not _cuda_backend_ready(), reason="needs a GPU and a CUDA build of modfuse._C")),
-    pytest.param(("triton", "cuda"), id="triton", marks=pytest.mark.skipif(
-        not _gpu_triton_ready(), reason="needs a GPU and triton")),
+    pytest.param(
+        ("cuda", "cuda"),
+        id="cuda",
+        marks=pytest.mark.skipif(not _cuda_backend_ready(), reason="needs a GPU and a CUDA build of modfuse._C"),
+    ),
+    pytest.param(
+        ("triton", "cuda"),
+        id="triton",
+        marks=pytest.mark.skipif(not _gpu_triton_ready(), reason="needs a GPU and triton"),
+    ),
 ]
 
 

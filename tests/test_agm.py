@@ -1,4 +1,5 @@
 """AGM against plain-PyTorch transcriptions of the authors' formulas (ICCV 2023 code, 2 and 3 modalities)."""
+
 from __future__ import annotations
 
 import itertools
@@ -26,9 +27,15 @@ def test_shapley_responses_are_the_authors_two_and_three_modality_forms():
     f = {k: masked(net, xs, k) for k in ("avt", "av", "at", "vt", "a", "v", "t")}
     phi = shapley_responses(lambda d: net(d)[0], xs, list(dims), f["avt"])
     # the authors' Modality_Audio / Visual / Text (3 modalities, f(empty) = 0)
-    torch.testing.assert_close(phi["a"], (f["avt"] - f["vt"]) / 3 + (f["av"] - f["v"] + f["at"] - f["t"]) / 6 + f["a"] / 3)
-    torch.testing.assert_close(phi["v"], (f["avt"] - f["at"]) / 3 + (f["av"] - f["a"] + f["vt"] - f["t"]) / 6 + f["v"] / 3)
-    torch.testing.assert_close(phi["t"], (f["avt"] - f["av"]) / 3 + (f["vt"] - f["v"] + f["at"] - f["a"]) / 6 + f["t"] / 3)
+    torch.testing.assert_close(
+        phi["a"], (f["avt"] - f["vt"]) / 3 + (f["av"] - f["v"] + f["at"] - f["t"]) / 6 + f["a"] / 3
+    )
+    torch.testing.assert_close(
+        phi["v"], (f["avt"] - f["at"]) / 3 + (f["av"] - f["a"] + f["vt"] - f["t"]) / 6 + f["v"] / 3
+    )
+    torch.testing.assert_close(
+        phi["t"], (f["avt"] - f["av"]) / 3 + (f["vt"] - f["v"] + f["at"] - f["a"]) / 6 + f["t"] / 3
+    )
     torch.testing.assert_close(phi["a"] + phi["v"] + phi["t"], f["avt"])  # efficiency of the Shapley value
     two = {"a": 5, "v": 7}
     net2 = SharedHeadNet(two).double()
@@ -80,8 +87,17 @@ def test_agm_scales_each_encoders_fused_gradient_and_keeps_the_running_scores():
             p = torch.softmax(phi, 1)[torch.arange(len(y)), y]
             scores.append(float(-torch.log(torch.clamp(p, min=1e-8)).mean()))
         s = torch.tensor(scores, dtype=torch.float64)
-        k = [math.exp(0.5 * min(math.exp((float(running.mean()) - float(running[i])) * 1.5)
-                                - math.exp((float(s.mean()) - float(s[i])) * 1.5), 7)) for i in range(3)]
+        k = [
+            math.exp(
+                0.5
+                * min(
+                    math.exp((float(running.mean()) - float(running[i])) * 1.5)
+                    - math.exp((float(s.mean()) - float(s[i])) * 1.5),
+                    7,
+                )
+            )
+            for i in range(3)
+        ]
         plain = torch.autograd.grad(F.cross_entropy(fused, y), list(net.parameters()), retain_graph=True)
         net.zero_grad(set_to_none=True)
         assert b.backward(**kw)

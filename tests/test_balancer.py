@@ -1,4 +1,5 @@
 """The Balancer API: gradients against plain PyTorch, banks, accumulation, autocast, torch.compile, state."""
+
 from __future__ import annotations
 
 import copy
@@ -50,12 +51,15 @@ def calibrated_oracle(net, xs, y, *, route, K=4):
     for loss in rows:
         if route == "microbatch":
             bounds = torch.linspace(0, N, K + 1).round().long().tolist()
-            parts = [loss[bounds[k]:bounds[k + 1]].sum() * (K / N) for k in range(K)]
+            parts = [loss[bounds[k] : bounds[k + 1]].sum() * (K / N) for k in range(K)]
         else:
             parts = [loss[i] for i in range(N)]
-        samples = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(part, head_params(net),
-                                                                                      retain_graph=True)])
-                               for part in parts])
+        samples = torch.stack(
+            [
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(part, head_params(net), retain_graph=True)])
+                for part in parts
+            ]
+        )
         S1.append(samples.sum(0))
         S2.append(samples.square().sum(0))
         n.append(len(parts))
@@ -119,8 +123,16 @@ def test_encoder_grads_are_views_of_one_bank_per_encoder():
         assert len(ptrs) == 1
 
 
-DETERMINISTIC = [("none", {}), ("calibrated", {}), ("calibrated", {"moments": "per_sample"}),
-                 ("ogm_ge", {"ge": False}), ("greedy", {}), ("mmpareto", {}), ("mimo", {}), ("i2m2", {})]
+DETERMINISTIC = [
+    ("none", {}),
+    ("calibrated", {}),
+    ("calibrated", {"moments": "per_sample"}),
+    ("ogm_ge", {"ge": False}),
+    ("greedy", {}),
+    ("mmpareto", {}),
+    ("mimo", {}),
+    ("i2m2", {}),
+]
 
 
 @pytest.mark.parametrize("method,options", DETERMINISTIC, ids=lambda v: str(v))
@@ -148,8 +160,9 @@ def test_a_failed_call_leaves_every_grad_as_it_was():
     for p in net.parameters():
         p.grad = torch.full_like(p, 7.0)
     before = grads(net)
-    b = modfuse.Balancer(net, encoders=dict(net.enc), shared=[net.head.weight, net.head.bias, net.unused],
-                         method="calibrated")
+    b = modfuse.Balancer(
+        net, encoders=dict(net.enc), shared=[net.head.weight, net.head.bias, net.unused], method="calibrated"
+    )
     with pytest.raises(ValueError, match="'unused'.*received no gradient"):
         b.backward(**losses(net, xs, y))
     for n, g in grads(net).items():
@@ -200,8 +213,10 @@ def test_balancer_with_a_compiled_model():
     compiled = torch.compile(net)
     b = balancer_for(net, "calibrated")
     fused, uni = compiled(xs)
-    assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"),
-                      unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()})
+    assert b.backward(
+        fused=F.cross_entropy(fused, y, reduction="none"),
+        unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()},
+    )
     for p, q in zip(net.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
 

@@ -1,4 +1,5 @@
 """Bad input to the Balancer: a clear message naming the culprit, and no training state lost."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,10 +26,14 @@ def test_unknown_option_names_the_options():
 
 def test_parameter_in_two_groups():
     net = SharedHeadNet(DIMS)
-    with pytest.raises(ValueError, match=r"'head.weight' is in both shared and encoders\['b'\]|"
-                                         r"'head.weight' is in both encoders\['b'\] and shared"):
-        modfuse.Balancer(net, encoders={"a": net.enc["a"], "b": [*net.enc["b"].parameters(), net.head.weight]},
-                         shared=net.head)
+    with pytest.raises(
+        ValueError,
+        match=r"'head.weight' is in both shared and encoders\['b'\]|"
+        r"'head.weight' is in both encoders\['b'\] and shared",
+    ):
+        modfuse.Balancer(
+            net, encoders={"a": net.enc["a"], "b": [*net.enc["b"].parameters(), net.head.weight]}, shared=net.head
+        )
 
 
 def test_parameter_not_of_the_model():
@@ -117,8 +122,9 @@ def test_calibrated_per_sample_needs_linear_layers():
     net = SharedHeadNet(DIMS)
     net.scale = torch.nn.Parameter(torch.ones(1))  # shared, but not the weight or bias of an nn.Linear
     with pytest.raises(ValueError, match="'scale' is not.*moments='microbatch'"):
-        modfuse.Balancer(net, encoders=dict(net.enc), shared=[net.head.weight, net.scale], method="calibrated",
-                         moments="per_sample")
+        modfuse.Balancer(
+            net, encoders=dict(net.enc), shared=[net.head.weight, net.scale], method="calibrated", moments="per_sample"
+        )
 
 
 def test_unknown_modality_key_and_loss_without_grad():

@@ -1,5 +1,6 @@
 """Issue 14 items 3, 5, 6: no silent NaN in the gradients the Balancer writes, all-or-nothing state, strict
 options, and no leak from calibrated's per-sample hooks."""
+
 from __future__ import annotations
 
 import gc
@@ -42,7 +43,9 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped(method):
     after = b.state_dict()
     assert after.keys() == before.keys() and after["method_state"].keys() == before["method_state"].keys()
     for k, v in before["method_state"].items():
-        assert torch.equal(v, after["method_state"][k]) if isinstance(v, torch.Tensor) else v == after["method_state"][k]
+        assert (
+            torch.equal(v, after["method_state"][k]) if isinstance(v, torch.Tensor) else v == after["method_state"][k]
+        )
 
 
 @pytest.mark.parametrize("method", ["none", "calibrated", "ogm_ge", "greedy", "mmpareto"])
@@ -87,17 +90,20 @@ def test_raising_backward_rolls_the_method_state_back():
     assert torch.equal(b.method.speeds, speeds) and b.method.window_count == 0
 
 
-@pytest.mark.parametrize(("method", "options", "match"), [
-    ("ogm_ge", {"start_epoch": "a"}, "start_epoch"),
-    ("ogm_ge", {"end_epoch": -1}, "end_epoch"),
-    ("ogm_ge", {"start_epoch": 5, "end_epoch": 2}, "end_epoch"),
-    ("ogm_ge", {"ge": "yes"}, "ge must be"),
-    ("utilization", {"steps_per_epoch": -3}, "steps_per_epoch"),
-    ("utilization", {"seed": 1.5}, "seed"),
-    ("greedy", {"threshold": "0.3"}, "threshold"),
-    ("calibrated", {"microbatches": True}, "microbatches"),
-    ("calibrated", {"include_fused": 1}, "include_fused"),
-])
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [
+        ("ogm_ge", {"start_epoch": "a"}, "start_epoch"),
+        ("ogm_ge", {"end_epoch": -1}, "end_epoch"),
+        ("ogm_ge", {"start_epoch": 5, "end_epoch": 2}, "end_epoch"),
+        ("ogm_ge", {"ge": "yes"}, "ge must be"),
+        ("utilization", {"steps_per_epoch": -3}, "steps_per_epoch"),
+        ("utilization", {"seed": 1.5}, "seed"),
+        ("greedy", {"threshold": "0.3"}, "threshold"),
+        ("calibrated", {"microbatches": True}, "microbatches"),
+        ("calibrated", {"include_fused": 1}, "include_fused"),
+    ],
+)
 def test_method_options_are_checked_strictly(method, options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         balancer_for(SharedHeadNet(DIMS), method, **options)

@@ -1,6 +1,7 @@
 """bench/gpu.py (the GPU benchmark of issue 4) and bench/gpu_proof.py (the one GPU command) run end to end here on
 the CPU, so a GPU session finds working scripts. Nothing they measure in this form is worth reporting. (.ci/run
 also runs bench.gpu at its real sizes on the CPU.)"""
+
 import json
 import subprocess
 import sys
@@ -8,19 +9,36 @@ import sys
 from bench import gpu_proof
 from bench.harness import size
 
-OPS = {"calibrated_aggregate", "calibrated_aggregate_samples", "segment_sq_norms", "linear_moments", "gram",
-       "weighted_sum", "moments"}
+OPS = {
+    "calibrated_aggregate",
+    "calibrated_aggregate_samples",
+    "segment_sq_norms",
+    "linear_moments",
+    "gram",
+    "weighted_sum",
+    "moments",
+}
 
 
 def test_size_labels():
     """size() once called itself for D >= 1M (RecursionError at every real size)."""
     assert (size(4096), size(1 << 20), size(16 << 20), size(64 << 20), size((1 << 20) + 1)) == (
-        "4096", "1M", "16M", "64M", str((1 << 20) + 1))
+        "4096",
+        "1M",
+        "16M",
+        "64M",
+        str((1 << 20) + 1),
+    )
 
 
 def test_gpu_benchmark_script_runs(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = tmp_path.glob("*-smoke.json")
     data = json.loads(result.read_text())
@@ -46,8 +64,13 @@ def test_gpu_proof_commands():
 
 def test_gpu_proof_dry_run(tmp_path):
     """Every stage rehearsed on the CPU: the record says each passed, the log holds the commands."""
-    done = subprocess.run([sys.executable, "-m", "bench.gpu_proof", "--stage", "all", "--dry-run", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=1200, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_proof", "--stage", "all", "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (record,) = tmp_path.glob("*-dry-run-proof.json")
     data = json.loads(record.read_text())

@@ -1,4 +1,5 @@
 """The compiled extension is there and the NaN poisoning the other tests rely on is active."""
+
 import torch
 
 import modfuse

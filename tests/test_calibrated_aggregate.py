@@ -1,4 +1,5 @@
 """Op 4, both forms, against the reference, plus the properties docs/math.md lists."""
+
 import re
 
 import pytest
@@ -60,8 +61,11 @@ def test_samples_form_matches_reference(M, K, D, dtype, gen, target):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_samples_form_large(dtype, gen):
     G = gradient_samples(2, 5, 1 << 20, dtype, gen)
-    check_against_reference(mf.calibrated_aggregate_samples(G, return_uncertainty=True),
-                            reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True), dtype)
+    check_against_reference(
+        mf.calibrated_aggregate_samples(G, return_uncertainty=True),
+        reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True),
+        dtype,
+    )
 
 
 def test_unequal_counts_and_options(gen):
@@ -80,13 +84,20 @@ def test_noncontiguous_inputs(dtype, gen, target):
     G = gradient_samples(3, 5, 4099, dtype, gen)
     S1, S2 = banks(G, dtype)
     n = torch.full((3,), 5.0)
-    check_against_reference(mf.calibrated_aggregate(noncontiguous(target(S1)), noncontiguous(target(S2)), n,
-                                                    return_uncertainty=True, backend=target.backend),
-                            reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True), dtype)
+    check_against_reference(
+        mf.calibrated_aggregate(
+            noncontiguous(target(S1)), noncontiguous(target(S2)), n, return_uncertainty=True, backend=target.backend
+        ),
+        reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True),
+        dtype,
+    )
     target.skip_unless("calibrated_aggregate_samples")
     Gnc = noncontiguous(target(G))
-    check_against_reference(mf.calibrated_aggregate_samples(Gnc, return_uncertainty=True, backend=target.backend),
-                            reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True), dtype)
+    check_against_reference(
+        mf.calibrated_aggregate_samples(Gnc, return_uncertainty=True, backend=target.backend),
+        reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True),
+        dtype,
+    )
 
 
 # ---- Op 4's properties (docs/math.md), on random data ----------------------------------------------------------------
@@ -178,8 +189,8 @@ def test_noise_dimensions_shrink_signal_dimensions_keep(gen):
     plain = G.mean(1).sum(0)
     assert out[: D // 2].double().div(plain[: D // 2]).mean() > 0.95
     # measured: noise elements keep ~44% of the plain sum's magnitude and ~45% of them are exactly 0
-    assert out[D // 2:].double().abs().mean() < 0.6 * plain[D // 2:].abs().mean()
-    assert (out[D // 2:] == 0).double().mean() > 0.3
+    assert out[D // 2 :].double().abs().mean() < 0.6 * plain[D // 2 :].abs().mean()
+    assert (out[D // 2 :] == 0).double().mean() > 0.3
 
 
 # ---- NaN/Inf policy ---------------------------------------------------------------------------------------------
@@ -233,16 +244,27 @@ def _zero_column_banks(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
-@pytest.mark.parametrize("kwargs", [{"eps": 1e-40}, {"kappa": 1e-20}, {"eps": 1e-40, "kappa": 1e-20},
-                                    {"kappa": 1.2e-38}, {"eps": 1.4e-45}, {"kappa": 1.2e-38, "eps": 1.4e-45}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"eps": 1e-40},
+        {"kappa": 1e-20},
+        {"eps": 1e-40, "kappa": 1e-20},
+        {"kappa": 1.2e-38},
+        {"eps": 1.4e-45},
+        {"kappa": 1.2e-38, "eps": 1.4e-45},
+    ],
+)
 def test_tiny_eps_or_kappa_on_a_zero_column_gives_no_nan(kwargs, dtype, gen, target):
     """1 / (e n + kappa (v + eps)) overflowed for a zero column: NaN where the reference gives belief 0."""
     S1, S2 = _zero_column_banks(gen, dtype)
     n = torch.full((3,), 5.0)
-    out, stats, u = mf.calibrated_aggregate(target(S1), target(S2), n, return_uncertainty=True,
-                                            backend=target.backend, **kwargs)
-    r_out, _, r_u = reference.calibrated_aggregate(S1.to(_acc(dtype)), S2.to(_acc(dtype)), n,
-                                                         return_uncertainty=True, **kwargs)
+    out, stats, u = mf.calibrated_aggregate(
+        target(S1), target(S2), n, return_uncertainty=True, backend=target.backend, **kwargs
+    )
+    r_out, _, r_u = reference.calibrated_aggregate(
+        S1.to(_acc(dtype)), S2.to(_acc(dtype)), n, return_uncertainty=True, **kwargs
+    )
     assert out.isfinite().all() and u.isfinite().all() and stats.isfinite().all()
     assert_close(out, r_out, dtype)
     assert_close(u, r_u, dtype, scale=1.0)
@@ -263,8 +285,11 @@ def test_kappa_and_eps_outside_float32_are_rejected(name, smallest, below, dtype
     kappa (whose reciprocal overflows) or inf is refused, naming the argument and the range."""
     S1, S2 = torch.ones(2, 3, dtype=dtype), torch.full((2, 3), 3.0, dtype=dtype)
     for value in (below, 1e39):
-        with pytest.raises(ValueError, match=rf"{name} = {re.escape(str(value))} becomes .* in float32.*pass {name} "
-                                             rf"in \[{smallest}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"{name} = {re.escape(str(value))} becomes .* in float32.*pass {name} "
+            rf"in \[{smallest}",
+        ):
             mf.calibrated_aggregate(S1, S2, [2, 2], **{name: value})
         with pytest.raises(ValueError, match=rf"{name} = {re.escape(str(value))} becomes"):
             mf.calibrated_aggregate_samples(S1[:, None].expand(2, 2, 3), **{name: value})

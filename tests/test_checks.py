@@ -1,4 +1,5 @@
 """Bad input: one test per rule, each asserting the error type and that the message names the argument."""
+
 import pytest
 import torch
 
@@ -114,8 +115,9 @@ def test_bad_scalars(banks):
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of 'auto', 'cuda', 'triton', 'cpu', 'reference', "
-                                         "got 'gpu'"):
+    with pytest.raises(
+        ValueError, match="backend must be one of 'auto', 'cuda', 'triton', 'cpu', 'reference', got 'gpu'"
+    ):
         mf.gram(torch.randn(2, 3), backend="gpu")
 
 

@@ -11,6 +11,7 @@ steps): none, calibrated (both routes), ogm_ge, greedy, mmpareto, i2m2, inforeg,
 nonlinear function of the rank's own batch): mimo (logsumexp of local mean losses) and utilization (the shuffled
 drop of the local batch): checked equal on every rank only.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,8 +31,18 @@ import modfuse
 
 DIMS = {"a": 5, "b": 7}
 N = 24
-K_TOTAL = 6   # micro-batches over the whole batch; each rank cuts its part into K_TOTAL / world
-LINEAR = ["none", "calibrated-microbatch", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2", "inforeg", "agm"]
+K_TOTAL = 6  # micro-batches over the whole batch; each rank cuts its part into K_TOTAL / world
+LINEAR = [
+    "none",
+    "calibrated-microbatch",
+    "calibrated-per_sample",
+    "ogm_ge",
+    "greedy",
+    "mmpareto",
+    "i2m2",
+    "inforeg",
+    "agm",
+]
 PER_RANK = ["mimo", "utilization"]
 RAGGED = {2: [13, 11], 3: [9, 8, 7]}
 
@@ -41,7 +52,7 @@ def method_of(case: str, world: int) -> tuple[str, dict]:
         return "calibrated", {"microbatches": K_TOTAL // world}
     if case == "calibrated-per_sample":
         return "calibrated", {"moments": "per_sample"}
-    if case == "greedy":   # a hold decided after step 1, so that 3 steps exercise it
+    if case == "greedy":  # a hold decided after step 1, so that 3 steps exercise it
         return "greedy", {"window_steps": 1, "threshold": 0.0}
     return case, {}
 
@@ -58,10 +69,11 @@ def data(seed=1, n=N):
 
 def snapshot(net):
     """Full (unsharded) gradients and parameters: a collective under FSDP2, so every rank calls it."""
+
     def full(t):
         return None if t is None else (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
-    return ({n: full(p.grad) for n, p in net.named_parameters()},
-            {n: full(p) for n, p in net.named_parameters()})
+
+    return ({n: full(p.grad) for n, p in net.named_parameters()}, {n: full(p) for n, p in net.named_parameters()})
 
 
 def train(net, wrapper, balancer, xs, y, steps=3):
@@ -114,11 +126,13 @@ class CollectiveCounter:
     def __enter__(self):
         W = dist.get_world_size()
         for kind, (arg, factor) in KINDS.items():
+
             def counting(*args, _orig=self._orig[kind], _arg=arg, _factor=factor, **kwargs):
                 t = args[_arg]
                 self.count += 1
                 self.bytes += _factor * (W - 1) / W * t.numel() * t.element_size()
                 return _orig(*args, **kwargs)
+
             setattr(dist, kind, counting)
         return self
 
@@ -140,6 +154,7 @@ def scenarios(rank, world, out):
 
     # plain process group, every method
     for case in LINEAR + PER_RANK:
+
         def plain(case=case):
             net = make_net()
             xs, y = local(rank, world)
@@ -148,6 +163,7 @@ def scenarios(rank, world, out):
                 train(net, net, b, xs, y, steps=1)
             net = make_net()
             return (*train(net, net, balancer(net, net, case), xs, y), counter.count)
+
         run(f"plain/{case}", plain)
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -155,9 +171,11 @@ def scenarios(rank, world, out):
     # bytes per step: calibrated's shard-local path against an all-reduce of its banks, and DDP's plain step
     def bytes_per_step():
         out = {}
-        for label, case, extra in [("calibrated reduce_scatter", "calibrated-microbatch", {}),
-                                   ("calibrated all_reduce", "calibrated-microbatch", {"collectives": "all_reduce"}),
-                                   ("none", "none", {})]:
+        for label, case, extra in [
+            ("calibrated reduce_scatter", "calibrated-microbatch", {}),
+            ("calibrated all_reduce", "calibrated-microbatch", {"collectives": "all_reduce"}),
+            ("none", "none", {}),
+        ]:
             net = make_net()
             b = balancer(net, net, case, **extra)
             kw = losses(net, *local(rank, world))
@@ -170,13 +188,16 @@ def scenarios(rank, world, out):
         out["ddp"] = (None, 2.0 * (world - 1) / world * sum(p.numel() * 8 for p in net.parameters()), None)
         (kw["fused"].mean() + sum(v.mean() for v in kw["unimodal"].values())).backward()
         return out
+
     run("bytes", bytes_per_step)
 
     # DDP, with and without gradient_as_bucket_view; the Balancer given the DDP module or its .module
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
     for view in (False, True):
         for case in LINEAR + PER_RANK:
-            for given in (("ddp", "module") if case == "calibrated-per_sample" else ("ddp",)):
+            for given in ("ddp", "module") if case == "calibrated-per_sample" else ("ddp",):
+
                 def ddp_case(case=case, view=view, given=given):
                     net = make_net()
                     ddp = DDP(net, gradient_as_bucket_view=view)
@@ -185,23 +206,27 @@ def scenarios(rank, world, out):
                     def counting_hook(state, bucket):
                         reducer_calls.append(1)
                         return allreduce_hook(state, bucket)
+
                     ddp.register_comm_hook(None, counting_hook)
                     xs, y = local(rank, world)
                     b = balancer(ddp if given == "ddp" else net, net, case)
                     result = train(net, ddp, b, xs, y)
                     if given == "ddp":
                         b.close()
-                    else:   # a discarded Balancer gives DDP its sync back too
+                    else:  # a discarded Balancer gives DDP its sync back too
                         del b
                         gc.collect()
                     return (*result, len(reducer_calls), ddp.require_backward_grad_sync)
+
                 run(f"ddp-view={view}-{given}/{case}", ddp_case)
 
     # FSDP2
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh("cpu", (world,))
     for case in LINEAR + PER_RANK:
+
         def fsdp_case(case=case):
             net = make_net()
             for m in DIMS:
@@ -210,18 +235,22 @@ def scenarios(rank, world, out):
             xs, y = local(rank, world)
             b = balancer(net, net, case)
             return (*train(net, net, b, xs, y), b.stats())
+
         run(f"fsdp2/{case}", fsdp_case)
 
     # a ragged last batch: per-sample weighting equals one process on the concatenation
     for case in ["none", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2"]:
+
         def ragged(case=case):
             net = make_net()
             xs, y = local(rank, world, sizes=RAGGED[world])
             return train(net, net, balancer(net, net, case), xs, y)
+
         run(f"ragged/{case}", ragged)
 
     # NaN loss on the last rank: every rank skips, or every rank raises
     for policy in ("skip", "raise"):
+
         def nan(policy=policy):
             net = make_net()
             xs, y = local(rank, world)
@@ -236,10 +265,12 @@ def scenarios(rank, world, out):
                 except FloatingPointError as e:
                     return ("raised", str(e), [p.grad for p in net.parameters()])
             return (ok, b.skipped, [p.grad for p in net.parameters()])
+
         run(f"nan/{policy}", nan)
 
     # a modality missing on the last rank: a zero contribution (none, calibrated) or a raise on every rank
     for case in ["none", "calibrated-per_sample", "calibrated-microbatch", "mmpareto"]:
+
         def missing(case=case):
             net = make_net()
             xs, y = local(rank, world)
@@ -249,6 +280,7 @@ def scenarios(rank, world, out):
                 del kw["unimodal"]["b"]
             ok = b.backward(**kw)
             return (ok, snapshot(net)[0])
+
         run(f"missing/{case}", missing)
 
     # FSDP2: calibrated's per-objective backwards fire FSDP2's collectives, so a missing modality raises everywhere
@@ -262,6 +294,7 @@ def scenarios(rank, world, out):
         if rank == world - 1:
             del kw["unimodal"]["b"]
         return b.backward(**kw)
+
     run("missing/fsdp2-calibrated", fsdp_missing)
 
     # a batch too small for microbatches on one rank: raised on every rank at once
@@ -271,16 +304,19 @@ def scenarios(rank, world, out):
         if rank == world - 1:
             xs, y = {m: x[:1] for m, x in xs.items()}, y[:1]
         balancer(net, net, "calibrated-microbatch").backward(**losses(net, xs, y))
+
     run("too_small", too_small)
 
     # accumulation over 2 micro-steps: every call synced (all methods), or one sync per step via no_sync()
     for case in LINEAR:
+
         def accumulate(case=case):
             net = make_net()
             b = balancer(net, net, case)
             for seed in (1, 2):
                 assert b.backward(**losses(net, *local(rank, world, seed=seed)))
             return snapshot(net)[0]
+
         run(f"accumulate/{case}", accumulate)
 
     def no_sync():
@@ -291,10 +327,12 @@ def scenarios(rank, world, out):
         with CollectiveCounter() as after:
             assert b.backward(**losses(net, *local(rank, world, seed=2)))
         return (snapshot(net)[0], inside.count, after.count)
+
     run("no_sync/none", no_sync)
 
     # autocast bf16 (float32 model)
     for case in ["none", "calibrated-microbatch", "ogm_ge"]:
+
         def bf16(case=case):
             net = make_net().float()
             xs, y = local(rank, world)
@@ -303,14 +341,17 @@ def scenarios(rank, world, out):
                 kw = losses(net, xs, y)
             assert balancer(net, net, case).backward(**kw)
             return snapshot(net)[0]
+
         run(f"bf16/{case}", bf16)
 
     # replicas initialised differently: refused on every rank, or copied from rank 0
     for replicas in ("check", "broadcast"):
+
         def replica(replicas=replicas):
             net = make_net(seed=rank)
             balancer(net, net, "none", replicas=replicas)
             return snapshot(net)[1]
+
         run(f"replicas/{replicas}", replica)
 
 
@@ -391,8 +432,10 @@ def test_shard_local_calibration_sends_fewer_bytes(job):
         assert scatter[0] == 3 and reduce[0] == 2
         assert scatter[1] < reduce[1]
     ddp = table["ddp"][1]
-    print(f"\n{world} ranks, bytes per step and rank (ratio to DDP's one all-reduce of {ddp:.0f} B): " +
-          ", ".join(f"{k} {v[1]:.0f} ({v[1] / ddp:.2f}x, {v[0]} collectives)" for k, v in table.items() if k != "ddp"))
+    print(
+        f"\n{world} ranks, bytes per step and rank (ratio to DDP's one all-reduce of {ddp:.0f} B): "
+        + ", ".join(f"{k} {v[1]:.0f} ({v[1] / ddp:.2f}x, {v[0]} collectives)" for k, v in table.items() if k != "ddp")
+    )
 
 
 @pytest.mark.parametrize("case", PER_RANK)
@@ -435,7 +478,9 @@ def test_fsdp2(job, single, case):
     for rank, res in enumerate(results):
         grads, params, stats = ok(res[name], name)
         # the linear methods' stats() are summed over the ranks' shards: the same numbers on every rank
-        assert case not in single or stats == ok(results[0][name], name)[2], f"{name}: rank {rank} stats differ from rank 0"
+        assert case not in single or stats == ok(results[0][name], name)[2], (
+            f"{name}: rank {rank} stats differ from rank 0"
+        )
         if case in single:
             close(grads, single[case][0], f"{name} rank {rank} .grad")
             close(params, single[case][1], f"{name} rank {rank} parameters")

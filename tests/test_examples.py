@@ -1,5 +1,6 @@
 """The examples run as documented: examples/balancer_quickstart.py as a script, and its loop with every method,
 leaving the statistics the README's Balancer section lists for each method."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,8 +19,14 @@ QUICKSTART = ROOT / "examples" / "balancer_quickstart.py"
 # What Balancer.stats() returns per method after a step (README, "stats() per method"); {m} is each modality.
 STATS_KEYS = {
     "none": set(),
-    "calibrated": {"{m}/belief", "{m}/zero_evidence", "{m}/kept_norm", "fused/belief", "fused/zero_evidence",
-                   "fused/kept_norm"},
+    "calibrated": {
+        "{m}/belief",
+        "{m}/zero_evidence",
+        "{m}/kept_norm",
+        "fused/belief",
+        "fused/zero_evidence",
+        "fused/kept_norm",
+    },
     "ogm_ge": {"{m}/coefficient"},
     "greedy": {"{m}/holds", "{m}/speed_log_ratio"},
     "mmpareto": {"{m}/cos", "conflicts"},
@@ -58,8 +65,15 @@ def test_quickstart_loop_learns_with_every_method(method):
 
 def test_quickstart_runs_as_a_script_and_the_readme_shows_it():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, str(QUICKSTART), "--epochs", "2", "--option", "alpha=0.5"],
-                            check=False, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    result = subprocess.run(
+        [sys.executable, str(QUICKSTART), "--epochs", "2", "--option", "alpha=0.5"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[-1].startswith("epoch 2: test accuracy fused"), result.stdout

@@ -6,6 +6,7 @@
 - the Balancer runs a training step on CUDA with the CUDA kernels.
 Skipped without a GPU (and the CUDA-kernel tests without a CUDA build of modfuse._C).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,9 @@ def test_results_repeat_bit_for_bit(gpu, gen):
     a = mf.calibrated_aggregate(S1, S2, [5] * 3, return_uncertainty=True, backend=gpu.backend)
     b = mf.calibrated_aggregate(S1, S2, [5] * 3, return_uncertainty=True, backend=gpu.backend)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
-    assert torch.equal(mf.segment_sq_norms(x, off, backend=gpu.backend),
-                       mf.segment_sq_norms(x, off, backend=gpu.backend))
+    assert torch.equal(
+        mf.segment_sq_norms(x, off, backend=gpu.backend), mf.segment_sq_norms(x, off, backend=gpu.backend)
+    )
     X = x[:4]
     assert torch.equal(mf.gram(X, backend=gpu.backend), mf.gram(X, backend=gpu.backend))
 
@@ -71,6 +73,7 @@ def test_torch_compile_traces_the_triton_ops(gen):
     S1, S2 = (t.cuda() for t in reference.moments(gradient_samples(2, 5, 10_000, torch.float32, gen)))
     n = torch.full((2,), 5.0, device="cuda")
     import modfuse.triton
+
     modfuse.triton.load()
 
     def f(S1, S2):
@@ -88,13 +91,13 @@ def test_torch_compile_traces_the_triton_ops(gen):
 def test_balancer_step_on_cuda():
     """calibrated (per-sample moments and Op 4 on CUDA) gives the CPU run's gradients for the same model and batch."""
     from _models import SharedHeadNet, batch, losses
+
     dims = {"a": 6, "b": 9}
     grads = {}
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
         net = SharedHeadNet(dims).double().to(device)
-        balancer = mf.Balancer(net, encoders=dict(net.enc), shared=net.head, method="calibrated",
-                               moments="per_sample")
+        balancer = mf.Balancer(net, encoders=dict(net.enc), shared=net.head, method="calibrated", moments="per_sample")
         xs, y = batch(dims)
         xs = {m: x.double().to(device) for m, x in xs.items()}
         assert balancer.backward(**losses(net, xs, y.to(device)))

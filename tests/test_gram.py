@@ -23,8 +23,13 @@ def test_matches_reference(R, D, dtype, gen, target):
 
 def test_noncontiguous(gen, target):
     X = noncontiguous(torch.randn(5, 4099, generator=gen))
-    assert_close(mf.gram(noncontiguous(target(X)), backend=target.backend), reference.gram(X.double()), torch.float32, rtol=1e-5,
-                 scale=reference.gram(X.double()).diagonal().max().item())
+    assert_close(
+        mf.gram(noncontiguous(target(X)), backend=target.backend),
+        reference.gram(X.double()),
+        torch.float32,
+        rtol=1e-5,
+        scale=reference.gram(X.double()).diagonal().max().item(),
+    )
 
 
 def test_nan_policy(gen, target):

@@ -1,4 +1,5 @@
 """InfoReg against a plain-PyTorch transcription of the authors' step (GeWu-Lab/InfoReg_CVPR2025 main.py)."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ def authors_window(trace_list):
     return (tr1 - tr2) / tr1
 
 
-@pytest.mark.parametrize("traces", [[], [2.0], [1.0, 3.0], [float(i % 7 + 1) for i in range(15)],
-                                    [5.0 - 0.1 * i for i in range(12)]])
+@pytest.mark.parametrize(
+    "traces", [[], [2.0], [1.0, 3.0], [float(i % 7 + 1) for i in range(15)], [5.0 - 0.1 * i for i in range(12)]]
+)
 def test_window_signal_is_the_authors(traces):
     assert window_signal(traces) == pytest.approx(authors_window(traces), rel=1e-12)
 
@@ -63,7 +65,7 @@ def test_inforeg_step_and_trace_match_the_authors_math():
     for m in DIMS:
         assert b.stats()[f"{m}/fisher_trace"] == pytest.approx(trace[m], rel=1e-10)
     first = net.enc["a"][0].weight.detach().reshape(-1)  # end_epoch moved the anchors to the parameters now
-    assert b.method.anchors["a"][0][:first.numel()].tolist() == first.tolist()
+    assert b.method.anchors["a"][0][: first.numel()].tolist() == first.tolist()
 
 
 def test_inforeg_closed_window_gives_the_plain_gradient():

@@ -7,6 +7,7 @@ first). The README's snippets must be the examples' code verbatim.
 Lightning and Accelerate are optional extras (pip install -e ".[lightning,accelerate]"); CI installs both, so
 there these tests run. Skipped only where the extra is not installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,12 +41,12 @@ def load_example(name: str):
 
 def run_two_processes(command: list[str], tmp_path: Path) -> dict:
     """Run a 2-process example for every method of CASES in one launch; each method's records, or why not."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
     out = tmp_path / "record"
     command = command + ["--methods", ",".join(CASES), "--microbatches", "2", "--out", str(out)]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT,
-                          check=False)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     failure = f"{' '.join(command)} exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     runs = {}
     for method in CASES:
@@ -65,9 +66,12 @@ def one_process_reference(example, records, method, options, lr=0.1):
         _, *xs, y = data[index]
         fused, unimodal = net({m: x.double() for m, x in zip(example.SHAPES, xs)})
         optimizer.zero_grad()
-        assert balancer.backward(fused=F.cross_entropy(fused, y, reduction="none"),
-                                 unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in unimodal.items()},
-                                 logits=unimodal, target=y)
+        assert balancer.backward(
+            fused=F.cross_entropy(fused, y, reduction="none"),
+            unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in unimodal.items()},
+            logits=unimodal,
+            target=y,
+        )
         optimizer.step()
     return net
 
@@ -76,10 +80,20 @@ def assert_matches_one_process(records, net):
     assert len(records[0]["indices"]) == 3, "expected 3 optimizer steps"
     for rank, record in enumerate(records):
         for name, p in net.named_parameters():
-            torch.testing.assert_close(record["grads"][name], p.grad, rtol=1e-9, atol=1e-12,
-                                       msg=f"rank {rank}: .grad of {name} differs from one process")
-            torch.testing.assert_close(record["params"][name], p.detach(), rtol=1e-9, atol=1e-12,
-                                       msg=f"rank {rank}: {name} after 3 steps differs from one process")
+            torch.testing.assert_close(
+                record["grads"][name],
+                p.grad,
+                rtol=1e-9,
+                atol=1e-12,
+                msg=f"rank {rank}: .grad of {name} differs from one process",
+            )
+            torch.testing.assert_close(
+                record["params"][name],
+                p.detach(),
+                rtol=1e-9,
+                atol=1e-12,
+                msg=f"rank {rank}: {name} after 3 steps differs from one process",
+            )
     # the ranks saw different samples (else the test would not test the reduction)
     seen = [{i for step in record["indices"] for i in step} for record in records]
     assert not seen[0] & seen[1]
@@ -90,16 +104,19 @@ def readme_snippet_matches(example: str, tag: str):
     source = (EXAMPLES / f"{example}.py").read_text()
     match = re.search(rf"# \[readme: {tag}\]\n(.*?)# \[/readme: {tag}\]\n", source, re.DOTALL)
     assert match, f"examples/{example}.py has no [readme: {tag}] block"
-    assert textwrap.dedent(match.group(1)) in (ROOT / "README.md").read_text(), \
+    assert textwrap.dedent(match.group(1)) in (ROOT / "README.md").read_text(), (
         f"README.md's {tag} example differs from examples/{example}.py: copy the marked block into the README"
+    )
 
 
 @pytest.fixture(scope="module")
 def lightning_runs(tmp_path_factory):
     pytest.importorskip("lightning", reason="the 'lightning' extra is not installed (pip install -e '.[lightning]')")
     # Lightning's own launcher: it starts the second process by re-running the script
-    return run_two_processes([sys.executable, str(EXAMPLES / "lightning_ddp.py"), "--precision", "64-true"],
-                             tmp_path_factory.mktemp("lightning"))
+    return run_two_processes(
+        [sys.executable, str(EXAMPLES / "lightning_ddp.py"), "--precision", "64-true"],
+        tmp_path_factory.mktemp("lightning"),
+    )
 
 
 @pytest.mark.parametrize("method", list(CASES))
@@ -118,8 +135,19 @@ def test_lightning_readme_example_is_the_tested_code():
 @pytest.fixture(scope="module")
 def accelerate_runs(tmp_path_factory):
     pytest.importorskip("accelerate", reason="the 'accelerate' extra is not installed (pip install -e '.[accelerate]')")
-    return run_two_processes([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(EXAMPLES / "accelerate_ddp.py"), "--double"], tmp_path_factory.mktemp("accelerate"))
+    return run_two_processes(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(EXAMPLES / "accelerate_ddp.py"),
+            "--double",
+        ],
+        tmp_path_factory.mktemp("accelerate"),
+    )
 
 
 @pytest.mark.parametrize("method", list(CASES))

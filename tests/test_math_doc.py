@@ -1,5 +1,6 @@
 """docs/math.md is the project's math page: it covers every public op and every method with its defaults, every
 link to it resolves to a section, and no user-facing text points to a SPEC.md the repository does not ship."""
+
 from __future__ import annotations
 
 import ast
@@ -14,8 +15,17 @@ from modfuse import methods, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH = ROOT / "docs" / "math.md"
-OPS = ["segment_sq_norms", "moments", "moments_accumulate_", "linear_moments", "calibrated_aggregate",
-       "calibrated_aggregate_samples", "gram", "weighted_sum", "segment_scale_"]
+OPS = [
+    "segment_sq_norms",
+    "moments",
+    "moments_accumulate_",
+    "linear_moments",
+    "calibrated_aggregate",
+    "calibrated_aggregate_samples",
+    "gram",
+    "weighted_sum",
+    "segment_scale_",
+]
 
 
 def _slug(heading: str) -> str:
@@ -51,8 +61,11 @@ def _documented_defaults(text: str) -> dict[str, object]:
 
 
 def _defaults(fn, skip=("self", "balancer", "backend", "check_finite")) -> dict[str, object]:
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.default is not inspect.Parameter.empty and p.name not in skip}
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.default is not inspect.Parameter.empty and p.name not in skip
+    }
 
 
 def test_every_public_op_is_in_an_op_section():
@@ -64,13 +77,15 @@ def test_every_public_op_is_in_an_op_section():
 
 @pytest.mark.parametrize("name", OPS)
 def test_op_defaults_match_the_code(name):
-    section = next(text for a, text in _sections().items() if a.startswith("op-")
-                   and re.search(rf"(^|-){re.escape(name)}($|-)", a))
+    section = next(
+        text for a, text in _sections().items() if a.startswith("op-") and re.search(rf"(^|-){re.escape(name)}($|-)", a)
+    )
     documented = _documented_defaults(section)
     for option, default in _defaults(getattr(ops, name)).items():
         assert option in documented, f"docs/math.md does not give {name}'s default {option}={default!r}"
-        assert documented[option] == default, f"{name}: docs/math.md says {option}={documented[option]!r}, " \
-                                              f"the code {default!r}"
+        assert documented[option] == default, (
+            f"{name}: docs/math.md says {option}={documented[option]!r}, the code {default!r}"
+        )
 
 
 @pytest.mark.parametrize("name", methods.names())
@@ -80,8 +95,9 @@ def test_every_method_has_a_section_with_its_options_and_defaults(name):
     documented = _documented_defaults(sections[name])
     for option, default in _defaults(methods._REGISTRY[name].__init__).items():
         assert option in documented, f"docs/math.md '{name}' does not give the option {option}={default!r}"
-        assert documented[option] == default, f"{name}: docs/math.md says {option}={documented[option]!r}, " \
-                                              f"the code {default!r}"
+        assert documented[option] == default, (
+            f"{name}: docs/math.md says {option}={documented[option]!r}, the code {default!r}"
+        )
 
 
 def test_metrics_section_names_both_utilization_rates():

@@ -8,6 +8,7 @@ utilization share of "hard" on the test split): none 0.107, fused+unimodal contr
 greedy 0.149, mmpareto 0.253, utilization(target 0.5) 0.480, mimo 0.228. Each margin below is about half the
 measured effect. (A prototype of this task with seeds 1 and 2 moved in the same direction for every method.)
 """
+
 from __future__ import annotations
 
 import pytest
@@ -36,8 +37,12 @@ class Net(nn.Module):
 
     def __init__(self, dims, hidden=32, classes=4, separate_heads=False):
         super().__init__()
-        self.enc = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                                   nn.ReLU()) for m, d in dims.items()})
+        self.enc = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+                for m, d in dims.items()
+            }
+        )
         self.head = nn.Linear(hidden, classes)
         # i2m2's model: each modality its own classifier, the joint one on the concatenation
         self.uni = nn.ModuleDict({m: nn.Linear(hidden, classes) for m in dims}) if separate_heads else None
@@ -62,7 +67,7 @@ def train(method, *, unimodal=False, seed=0, epochs=30, separate_heads=False, **
     for _ in range(epochs):
         perm = torch.randperm(N, generator=g)
         for i in range(0, N, 50):
-            idx = perm[i:i + 50]
+            idx = perm[i : i + 50]
             xs, y = {m: x[idx] for m, x in xtr.items()}, ytr[idx]
             fused, uni = net(xs)
             optimizer.zero_grad()
@@ -105,13 +110,16 @@ def test_joint_training_is_greedy(baseline):
     assert baseline < 0.25  # the easy modality carries > 75% of the reliance
 
 
-@pytest.mark.parametrize("method,kwargs,margin", [
-    ("ogm_ge", {}, 0.1),                        # modulates the dominant encoder's gradient
-    ("greedy", {"window_steps": 12}, 0.02),      # holds the faster encoder: the smallest effect here
-    ("mmpareto", {"unimodal": True}, 0.07),      # unimodal losses integrated without conflict
-    ("utilization", {"target": 0.5}, 0.2),       # drives the shares towards 0.5/0.5
-    ("mimo", {"unimodal": True}, 0.06),          # up-weights the worse modality's loss
-])
+@pytest.mark.parametrize(
+    "method,kwargs,margin",
+    [
+        ("ogm_ge", {}, 0.1),  # modulates the dominant encoder's gradient
+        ("greedy", {"window_steps": 12}, 0.02),  # holds the faster encoder: the smallest effect here
+        ("mmpareto", {"unimodal": True}, 0.07),  # unimodal losses integrated without conflict
+        ("utilization", {"target": 0.5}, 0.2),  # drives the shares towards 0.5/0.5
+        ("mimo", {"unimodal": True}, 0.06),  # up-weights the worse modality's loss
+    ],
+)
 def test_method_raises_the_weak_modalitys_utilization(baseline, method, kwargs, margin):
     share = hard_share(*train(method, **kwargs))
     assert share > baseline + margin, (method, share, baseline)
@@ -136,6 +144,7 @@ def test_agm_slows_the_dominant_encoder_and_speeds_up_the_weak_one(monkeypatch):
     this task (0.107 -> 0.106 over 30 epochs): Adam is invariant to a per-encoder gradient scale (the authors train
     with SGD)."""
     from modfuse.methods import agm
+
     coefficients = []
     backward = agm.AGM.backward
 
@@ -145,7 +154,7 @@ def test_agm_slows_the_dominant_encoder_and_speeds_up_the_weak_one(monkeypatch):
 
     monkeypatch.setattr(agm.AGM, "backward", recording)
     train("agm", alpha=1.0, epochs=5)
-    late = torch.tensor(coefficients[len(coefficients) // 2:])
+    late = torch.tensor(coefficients[len(coefficients) // 2 :])
     easy, hard = late.mean(0).tolist()
     assert easy < 0.9 and hard > 1.1, (easy, hard)
 
@@ -190,8 +199,10 @@ def test_calibrated_shrinks_noise_dimensions_and_keeps_signal():
         options = {"moments": "per_sample"} if method == "calibrated" else {}
         balancer = modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method=method, **options)
         fused, uni = net(xs)  # after the Balancer exists: its forward hooks record the head's inputs
-        balancer.backward(fused=F.cross_entropy(fused, y, reduction="none"),
-                          unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()})
+        balancer.backward(
+            fused=F.cross_entropy(fused, y, reduction="none"),
+            unimodal={m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()},
+        )
         results[method] = net.head.weight.grad.clone()
     ratio = results["calibrated"].norm(dim=0) / results["none"].norm(dim=0)
     # measured: noise columns keep 52% of the plain update on average (0.08-0.84), signal columns 97-99%

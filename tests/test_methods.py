@@ -1,4 +1,5 @@
 """Each method's statistic and gradients against a plain-PyTorch computation on a small model (float64)."""
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ def test_ogm_ge_scales_and_perturbs_like_the_official_code(ge):
             modulated = g.dim() >= 2
             expected = g * (k[m] if modulated else 1.0)
             if ge and modulated:
-                expected = expected + noise[start:start + g.numel()].view_as(g) * (g.std() + 1e-8)
+                expected = expected + noise[start : start + g.numel()].view_as(g) * (g.std() + 1e-8)
             start += g.numel()
             close(dict(net.named_parameters())[n].grad, expected)
     assert b.stats() == pytest.approx({f"{m}/coefficient": k[m] for m in DIMS})
@@ -254,8 +255,10 @@ def test_mmpareto_with_an_exactly_zero_gradient_stays_finite(zero, rescale):
         fused = fused * 0  # exactly zero gradient on every encoder parameter, the graph still reaches them
     else:
         uni = {m: v * 0 for m, v in uni.items()}
-    kw = {"fused": F.cross_entropy(fused, y, reduction="none"),
-          "unimodal": {m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()}}
+    kw = {
+        "fused": F.cross_entropy(fused, y, reduction="none"),
+        "unimodal": {m: F.cross_entropy(v, y, reduction="none") for m, v in uni.items()},
+    }
     other = kw["unimodal"] if zero == "fused" else None
     expected = {}
     for m in DIMS:
@@ -284,8 +287,11 @@ def test_utilization_penalty_matches_the_formula():
     drops = torch.stack(drops)
     mu = torch.relu(drops) / (torch.relu(drops).sum() + 1e-8)
     lam = 1e-3  # epoch 0: lambda_max / 1000
-    loss = kw["fused"].mean() + sum(v.mean() for v in kw["unimodal"].values()) + \
-        lam * (mu - torch.tensor([0.75, 0.25], dtype=torch.float64)).square().sum()
+    loss = (
+        kw["fused"].mean()
+        + sum(v.mean() for v in kw["unimodal"].values())
+        + lam * (mu - torch.tensor([0.75, 0.25], dtype=torch.float64)).square().sum()
+    )
     expected = autograd_grads(loss, list(net.parameters()))
     b = balancer_for(net, "utilization", target=0.75, dominant="a")
     assert b.backward(**kw)
@@ -302,7 +308,7 @@ def test_utilization_lambda_schedule():
         values.append(b.method.lam())
         b.end_epoch()
     assert values[0] == pytest.approx(1e-3)
-    assert values[5] == pytest.approx(10 ** -1.5)
+    assert values[5] == pytest.approx(10**-1.5)
     assert values[10] == values[20] == pytest.approx(1.0)
     assert all(x < y for x, y in zip(values[:10], values[1:11]))
 
@@ -337,5 +343,6 @@ def test_i2m2_log_probs_and_gradients():
 
 
 def test_registry_has_every_spec_method():
-    assert modfuse.methods.names() == sorted(["agm", "calibrated", "greedy", "i2m2", "inforeg", "mimo", "mmpareto", "none", "ogm_ge",
-                                              "utilization"])
+    assert modfuse.methods.names() == sorted(
+        ["agm", "calibrated", "greedy", "i2m2", "inforeg", "mimo", "mmpareto", "none", "ogm_ge", "utilization"]
+    )

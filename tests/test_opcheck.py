@@ -1,6 +1,7 @@
 """torch.library.opcheck on every op for every backend present: schema, fake (meta) kernels, and torch.compile /
 AOT dispatch, on the CPU kernels, the CUDA kernels (a GPU and a CUDA build) and the Triton kernels (a GPU, or
 Triton's interpreter on the CPU). Also: one list of op names, one (op, backend) table, all of it registered."""
+
 import importlib.util
 
 import pytest
@@ -21,15 +22,26 @@ CASES = {
     "moments": lambda dt: (rand(3, 4, 17, dtype=dt),),
     "moments_accumulate_": lambda dt: (torch.zeros(3, 17), torch.zeros(3, 17), rand(3, 17, dtype=dt)),
     "linear_moments": lambda dt: (rand(5, 3, 7, dtype=dt), rand(5, 3, 4, dtype=dt)),
-    "calibrated_aggregate": lambda dt: (rand(3, 17, dtype=dt), (rand(3, 17) ** 2 + 1).to(dt), torch.full((3,), 4.0),
-                                        1.0, None, 1e6, True),
+    "calibrated_aggregate": lambda dt: (
+        rand(3, 17, dtype=dt),
+        (rand(3, 17) ** 2 + 1).to(dt),
+        torch.full((3,), 4.0),
+        1.0,
+        None,
+        1e6,
+        True,
+    ),
     "calibrated_aggregate_samples": lambda dt: (rand(3, 5, 17, dtype=dt), 0.5, None, 1e6, False),
     "gram": lambda dt: (rand(4, 33, dtype=dt),),
     "weighted_sum": lambda dt: (rand(3, 33, dtype=dt), rand(3)),
-    "segment_scale_": lambda dt: (rand(33, dtype=dt), torch.tensor([0, 10, 33]), torch.tensor([0.5, 2.0]),
-                                  rand(33), torch.tensor([0.1, 0.2])),
+    "segment_scale_": lambda dt: (
+        rand(33, dtype=dt),
+        torch.tensor([0, 10, 33]),
+        torch.tensor([0.5, 2.0]),
+        rand(33),
+        torch.tensor([0.1, 0.2]),
+    ),
 }
-
 
 
 def on(device, args):
@@ -40,6 +52,7 @@ def on(device, args):
 def triton_args(name, args):
     """The Triton ops' arguments: Op 1 takes its piece table as device tensors, Op 4 a resolved eps."""
     from modfuse.triton.segment_sq_norms import piece_tensors
+
     if name == "segment_sq_norms":
         return (args[0], *piece_tensors(args[1], args[0].device))
     if name == "calibrated_aggregate":
@@ -47,16 +60,21 @@ def triton_args(name, args):
     return args
 
 
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ops._cuda_built()),
-                                reason="needs a GPU and a CUDA build of modfuse._C")
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops._cuda_built()), reason="needs a GPU and a CUDA build of modfuse._C"
+)
 triton_here = importlib.util.find_spec("triton") is not None and (
-    torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1")
+    torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"
+)
 BACKEND_PARAMS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=needs_cuda)]
 
 
 def test_every_op_has_one_name_and_a_kernel_per_backend():
-    registered = {name.split("::")[1].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
-                  if name.startswith("modfuse::")}
+    registered = {
+        name.split("::")[1].split(".")[0]
+        for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("modfuse::")
+    }
     assert registered == set(ops.OPS) == set(CASES)
     for op in ops.OPS:
         assert {b for (o, b) in ops.KERNELS if o == op} >= {"cpu", "cuda", "reference"}
@@ -65,6 +83,7 @@ def test_every_op_has_one_name_and_a_kernel_per_backend():
         if ops._cuda_built():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"modfuse::{op}", "CUDA")
     from modfuse import triton as triton_backend
+
     assert set(ops.TRITON_OPS) == set(triton_backend.OPS)
 
 
@@ -81,6 +100,7 @@ def test_opcheck(name, dtype, backend):
 @pytest.mark.parametrize("name", sorted(ops.TRITON_OPS))
 def test_opcheck_triton(name):
     from modfuse import triton as triton_backend
+
     triton_backend.load()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # float32 only: the interpreter has no bfloat16 arithmetic (the GPU matrix covers bfloat16). The interpreter
@@ -88,8 +108,10 @@ def test_opcheck_triton(name):
     # the Triton ops need a GPU; on the CPU: schema and autograd registration.
     args = triton_args(name, on(device, CASES[name](torch.float32)))
     utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(getattr(torch.ops.modfuse_triton, name).default, args,
-                          **({} if utils is None else {"test_utils": utils}))
+    torch.library.opcheck(
+        getattr(torch.ops.modfuse_triton, name).default, args, **({} if utils is None else {"test_utils": utils})
+    )
+
 
 def test_compiled_counts_check_raises_in_the_graph():
     """Inside torch.compile the count check of Op 4 cannot branch on values: it is an in-graph assert."""

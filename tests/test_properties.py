@@ -10,6 +10,7 @@ must match, outside must raise ValueError.
 Budget: the "ci" profile of conftest.py (a fixed number of derandomized examples per test);
 `pytest tests/test_properties.py --hypothesis-profile=long` for a deeper, randomized run.
 """
+
 from __future__ import annotations
 
 import math
@@ -133,8 +134,15 @@ def test_moments_accumulate_agrees_exactly(setting, bank_dtype, D, layout):
 
 
 # Op 3 -----------------------------------------------------------------------------------------------------------
-@given(settings_for(), st.integers(-15, 15), st.sampled_from([0, 1, 2, 9, 40]), st.sampled_from([None, 1, 3]),
-       st.sampled_from([1, 7, 33]), st.sampled_from([1, 5, 35]), LAYOUTS)
+@given(
+    settings_for(),
+    st.integers(-15, 15),
+    st.sampled_from([0, 1, 2, 9, 40]),
+    st.sampled_from([None, 1, 3]),
+    st.sampled_from([1, 7, 33]),
+    st.sampled_from([1, 5, 35]),
+    LAYOUTS,
+)
 def test_linear_moments(setting, split, N, T, I, O, layout):
     """x and gy get magnitudes whose product (the per-sample gradient) stays inside the documented range."""
     dtype, seed, scale, bad = setting
@@ -161,11 +169,13 @@ def samples_for(M, K, D, seed, scale, dtype, signal):
     return ((mean + torch.randn(M, K, D, generator=g, dtype=torch.float64)) * spread * scale).to(dtype)
 
 
-OPINION = st.fixed_dictionaries({
-    "kappa": st.sampled_from([1.0, 0.3, 4.0, 1e-20, 1.2e-38, 1e30]),
-    "evidence_max": st.sampled_from([1e6, 5.0, float("inf")]),
-    "eps_exp": st.integers(-45, -5),
-})
+OPINION = st.fixed_dictionaries(
+    {
+        "kappa": st.sampled_from([1.0, 0.3, 4.0, 1e-20, 1.2e-38, 1e30]),
+        "evidence_max": st.sampled_from([1e6, 5.0, float("inf")]),
+        "eps_exp": st.integers(-45, -5),
+    }
+)
 
 
 def opinion_args(opt, dtype):
@@ -205,8 +215,15 @@ def check_aggregate(result, expected, dtype, D, expected_acc=None):
     torch.testing.assert_close(stats[:, 2:].double()[ok], r_stats[:, 2:][ok], rtol=0, atol=stat_rtol + 2.0 / D)
 
 
-@given(settings_for(), st.sampled_from([1, 2, 3, 16]), st.sampled_from(SIZES), st.integers(2, 9),
-       st.floats(0, 3), OPINION, LAYOUTS)
+@given(
+    settings_for(),
+    st.sampled_from([1, 2, 3, 16]),
+    st.sampled_from(SIZES),
+    st.integers(2, 9),
+    st.floats(0, 3),
+    OPINION,
+    LAYOUTS,
+)
 def test_calibrated_aggregate(setting, M, D, K, signal, opt, layout):
     """The moments form gets v from S2 - n mu^2, which cancels: v carries a rounding error ~ eps * S2, and where
     kappa >> e the belief b ~ e / kappa inherits it, amplified by t2 (relative error ~ eps * t2, 1e-9 in float64 at
@@ -221,13 +238,23 @@ def test_calibrated_aggregate(setting, M, D, K, signal, opt, layout):
     result = mf.calibrated_aggregate(strided(S1, layout), strided(S2, layout), n, return_uncertainty=True, **kw)
     expected = reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True, **kw)
     ill_conditioned = kw["kappa"] < 1e-6 or kw["evidence_max"] == float("inf")
-    expected_acc = reference.calibrated_aggregate(S1.to(acc(dtype)), S2.to(acc(dtype)), n, return_uncertainty=True,
-                                                  **kw) if ill_conditioned else None
+    expected_acc = (
+        reference.calibrated_aggregate(S1.to(acc(dtype)), S2.to(acc(dtype)), n, return_uncertainty=True, **kw)
+        if ill_conditioned
+        else None
+    )
     check_aggregate(result, expected, dtype, D, expected_acc)
 
 
-@given(settings_for([torch.float32, torch.float64, torch.bfloat16]), st.sampled_from([1, 2, 3]),
-       st.sampled_from([1, 7, 1023, 4099]), st.sampled_from([2, 3, 8, 64]), st.floats(0, 3), OPINION, LAYOUTS)
+@given(
+    settings_for([torch.float32, torch.float64, torch.bfloat16]),
+    st.sampled_from([1, 2, 3]),
+    st.sampled_from([1, 7, 1023, 4099]),
+    st.sampled_from([2, 3, 8, 64]),
+    st.floats(0, 3),
+    OPINION,
+    LAYOUTS,
+)
 def test_calibrated_aggregate_samples(setting, M, D, K, signal, opt, layout):
     dtype, seed, scale, bad = setting
     G = plant(samples_for(M, K, D, seed, scale, dtype, signal), bad, seed)
@@ -235,17 +262,23 @@ def test_calibrated_aggregate_samples(setting, M, D, K, signal, opt, layout):
     result = mf.calibrated_aggregate_samples(strided(G, layout), return_uncertainty=True, **kw)
     expected = reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True, **kw)
     ill_conditioned = kw["kappa"] < 1e-6 or kw["evidence_max"] == float("inf")
-    expected_acc = reference.calibrated_aggregate_samples(G.to(acc(dtype)), return_uncertainty=True,
-                                                          **kw) if ill_conditioned else None
+    expected_acc = (
+        reference.calibrated_aggregate_samples(G.to(acc(dtype)), return_uncertainty=True, **kw)
+        if ill_conditioned
+        else None
+    )
     check_aggregate(result, expected, dtype, D, expected_acc)
 
 
-BOUNDARY = {"kappa": (1e-39, 1e-37, torch.finfo(torch.float32).smallest_normal),
-            "eps": (1e-47, 1e-43, torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps)}
+BOUNDARY = {
+    "kappa": (1e-39, 1e-37, torch.finfo(torch.float32).smallest_normal),
+    "eps": (1e-47, 1e-43, torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps),
+}
 
 
-@given(st.sampled_from(DTYPES), st.sampled_from(["kappa", "eps"]), st.floats(0, 1),
-       st.sampled_from(["moments", "samples"]))
+@given(
+    st.sampled_from(DTYPES), st.sampled_from(["kappa", "eps"]), st.floats(0, 1), st.sampled_from(["moments", "samples"])
+)
 def test_kappa_and_eps_at_the_float32_boundary(dtype, name, where, form):
     """Both sides of the documented range: inside, a zero column gives belief 0 and uncertainty 1 (no NaN); below
     it (float32 would make eps 0, or kappa subnormal with an infinite reciprocal), a ValueError naming it."""
@@ -254,8 +287,11 @@ def test_kappa_and_eps_at_the_float32_boundary(dtype, name, where, form):
     G = samples_for(2, 4, 9, 0, 1.0, dtype, 1.0)
     G[1, :, 3] = 0
     S1, S2 = mf.moments(G)
-    call = ((lambda **kw: mf.calibrated_aggregate(S1.to(dtype), S2.to(dtype), [4, 4], return_uncertainty=True, **kw))
-            if form == "moments" else (lambda **kw: mf.calibrated_aggregate_samples(G, return_uncertainty=True, **kw)))
+    call = (
+        (lambda **kw: mf.calibrated_aggregate(S1.to(dtype), S2.to(dtype), [4, 4], return_uncertainty=True, **kw))
+        if form == "moments"
+        else (lambda **kw: mf.calibrated_aggregate_samples(G, return_uncertainty=True, **kw))
+    )
     inside = dtype == torch.float64 or float(torch.tensor(value, dtype=torch.float64).float()) >= smallest
     if not inside:
         with pytest.raises(ValueError, match=f"{name} = "):
@@ -264,8 +300,9 @@ def test_kappa_and_eps_at_the_float32_boundary(dtype, name, where, form):
     out, stats, u = call(**{name: value})
     assert out.isfinite().all() and u.isfinite().all() and stats.isfinite().all()
     if form == "moments":
-        expected = reference.calibrated_aggregate(S1.to(dtype).double(), S2.to(dtype).double(), [4, 4],
-                                                  return_uncertainty=True, **{name: value})
+        expected = reference.calibrated_aggregate(
+            S1.to(dtype).double(), S2.to(dtype).double(), [4, 4], return_uncertainty=True, **{name: value}
+        )
     else:
         expected = reference.calibrated_aggregate_samples(G.double(), return_uncertainty=True, **{name: value})
     check(out, expected[0], dtype)
@@ -308,8 +345,15 @@ def test_weighted_sum(setting, R, D, per_element, layout):
     w = randn((R, D) if per_element else (R,), seed + 1, 1.0, dtype if per_element else torch.float32)
     out = mf.weighted_sum(strided(X, layout), w)
     expected = reference.weighted_sum(X.double(), w.double())
-    scale_ = (X.double().abs() * (w.double().abs() if per_element else w.double().abs()[:, None])).nan_to_num(
-        0, 0, 0).sum(0).max().item() if D else 1.0
+    scale_ = (
+        (X.double().abs() * (w.double().abs() if per_element else w.double().abs()[:, None]))
+        .nan_to_num(0, 0, 0)
+        .sum(0)
+        .max()
+        .item()
+        if D
+        else 1.0
+    )
     check(out, expected, dtype, scale=scale_)
 
 
@@ -324,6 +368,7 @@ def test_segment_scale_agrees_exactly(setting, D, noise, data):
     factors = (torch.rand(P, generator=g, dtype=torch.float64) * 3).tolist()
     std = (torch.rand(P, generator=g, dtype=torch.float64) * scale).tolist() if noise else None
     mine = mf.segment_scale_(x.clone(), off, factors, noise_std=std, generator=torch.Generator().manual_seed(seed))
-    ref = mf.segment_scale_(x.clone(), off, factors, noise_std=std, generator=torch.Generator().manual_seed(seed),
-                            backend="reference")
+    ref = mf.segment_scale_(
+        x.clone(), off, factors, noise_std=std, generator=torch.Generator().manual_seed(seed), backend="reference"
+    )
     assert torch.equal(mine.isnan(), ref.isnan()) and torch.equal(mine.nan_to_num(), ref.nan_to_num())

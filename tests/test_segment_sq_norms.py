@@ -22,8 +22,12 @@ def test_matches_reference(R, D, P, dtype, gen, target):
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == (R, P)
     # accumulation is float32 (float64): compare with that precision, not the input's
-    assert_close(out, reference.segment_sq_norms(x.double(), off), torch.float64 if dtype == torch.float64 else
-                 torch.float32, rtol=1e-10 if dtype == torch.float64 else 1e-5)
+    assert_close(
+        out,
+        reference.segment_sq_norms(x.double(), off),
+        torch.float64 if dtype == torch.float64 else torch.float32,
+        rtol=1e-10 if dtype == torch.float64 else 1e-5,
+    )
 
 
 def test_empty_segments_give_zero_and_1d_input(gen, target):
@@ -31,16 +35,21 @@ def test_empty_segments_give_zero_and_1d_input(gen, target):
     out = mf.segment_sq_norms(target(x), [0, 0, 4, 4, 10, 10], backend=target.backend).cpu()
     assert out.shape == (5,)
     assert out[0] == 0 and out[2] == 0 and out[4] == 0
-    assert_close(out[[1, 3]], torch.stack([x[:4].double().square().sum(), x[4:].double().square().sum()]),
-                 torch.float32)
+    assert_close(
+        out[[1, 3]], torch.stack([x[:4].double().square().sum(), x[4:].double().square().sum()]), torch.float32
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_noncontiguous(dtype, gen, target):
     x = noncontiguous(torch.randn(3, 4099, generator=gen).to(dtype))
     off = random_offsets(4099, 7, gen)
-    assert_close(mf.segment_sq_norms(noncontiguous(target(x)), off, backend=target.backend), reference.segment_sq_norms(x.double(), off),
-                 torch.float64 if dtype == torch.float64 else torch.float32, rtol=1e-5 if dtype != torch.float64 else 1e-10)
+    assert_close(
+        mf.segment_sq_norms(noncontiguous(target(x)), off, backend=target.backend),
+        reference.segment_sq_norms(x.double(), off),
+        torch.float64 if dtype == torch.float64 else torch.float32,
+        rtol=1e-5 if dtype != torch.float64 else 1e-10,
+    )
 
 
 def test_resnet18_like_matches_foreach_norm(gen, target):

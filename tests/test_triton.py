@@ -7,6 +7,7 @@ policy. Outputs are NaN-poisoned (conftest) so an unwritten element fails. bfloa
 the shared matrix (the `target` fixture): the interpreter has no bfloat16 arithmetic. On a GPU machine the same
 kernels run through that matrix instead, and this file skips.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,8 +32,10 @@ def acc(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("R,D,offsets", [(1, 1, [0, 1]), (2, 7, [0, 0, 3, 7]), (3, 2053, [0, 1, 1030, 1030, 2053]),
-                                         (2, 40_000, [0, 5, 17_000, 40_000])])  # 40k: pieces of 16384
+@pytest.mark.parametrize(
+    "R,D,offsets",
+    [(1, 1, [0, 1]), (2, 7, [0, 0, 3, 7]), (3, 2053, [0, 1, 1030, 1030, 2053]), (2, 40_000, [0, 5, 17_000, 40_000])],
+)  # 40k: pieces of 16384
 def test_segment_sq_norms(R, D, offsets, dtype, gen):
     x = torch.randn(R, D, generator=gen).to(dtype)
     out = mf.segment_sq_norms(x, offsets, backend="triton")
@@ -45,8 +48,12 @@ def test_segment_sq_norms(R, D, offsets, dtype, gen):
 def test_segment_sq_norms_noncontiguous_and_nan(gen):
     x = noncontiguous(torch.randn(3, 1500, generator=gen))
     off = [0, 700, 1500]
-    assert_close(mf.segment_sq_norms(x, off, backend="triton"), reference.segment_sq_norms(x.double(),
-                 torch.tensor(off)), torch.float32, rtol=1e-5)
+    assert_close(
+        mf.segment_sq_norms(x, off, backend="triton"),
+        reference.segment_sq_norms(x.double(), torch.tensor(off)),
+        torch.float32,
+        rtol=1e-5,
+    )
     x = x.contiguous()
     x[2, 800] = float("nan")
     out = mf.segment_sq_norms(x, off, backend="triton")
@@ -61,8 +68,9 @@ def test_calibrated_aggregate(M, D, dtype, gen):
     S1, S2 = S1.to(dtype), S2.to(dtype)
     n = torch.tensor([float(K + m % 3) for m in range(M)])
     out, stats, u = mf.calibrated_aggregate(S1, S2, n, kappa=0.7, return_uncertainty=True, backend="triton")
-    r_out, r_stats, r_u = reference.calibrated_aggregate(S1.double(), S2.double(), n, kappa=0.7,
-                                                         return_uncertainty=True)
+    r_out, r_stats, r_u = reference.calibrated_aggregate(
+        S1.double(), S2.double(), n, kappa=0.7, return_uncertainty=True
+    )
     assert out.dtype == u.dtype == dtype and stats.dtype == acc(dtype)
     assert_close(out, r_out, dtype)
     assert_close(u, r_u, dtype, scale=1.0)
@@ -98,8 +106,9 @@ def test_gram(R, D, dtype, gen):
 def test_gram_noncontiguous_and_nan(gen):
     X = noncontiguous(torch.randn(4, 300, generator=gen))
     expected = reference.gram(X.double())
-    assert_close(mf.gram(X, backend="triton"), expected, torch.float32, rtol=1e-5,
-                 scale=expected.diagonal().max().item())
+    assert_close(
+        mf.gram(X, backend="triton"), expected, torch.float32, rtol=1e-5, scale=expected.diagonal().max().item()
+    )
     X = X.contiguous()
     X[2, 5] = float("nan")
     out = mf.gram(X, backend="triton")
@@ -107,8 +116,9 @@ def test_gram_noncontiguous_and_nan(gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("shape", [(1, None, 1, 1), (9, None, 7, 5), (40, None, 33, 35), (6, 4, 7, 5),
-                                   (3, 17, 33, 2)])  # (N, T, I, O): odd sizes, > one 32-tile, T > 1 past BLOCK_T
+@pytest.mark.parametrize(
+    "shape", [(1, None, 1, 1), (9, None, 7, 5), (40, None, 33, 35), (6, 4, 7, 5), (3, 17, 33, 2)]
+)  # (N, T, I, O): odd sizes, > one 32-tile, T > 1 past BLOCK_T
 def test_linear_moments(shape, dtype, gen):
     N, T, I, O = shape
     lead = (N,) if T is None else (N, T)

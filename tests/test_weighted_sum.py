@@ -25,11 +25,15 @@ def test_noncontiguous_and_weight_dtypes(gen, target):
     X = noncontiguous(torch.randn(3, 4099, generator=gen).bfloat16())
     w = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)  # any float dtype for w[R]
     Xt = noncontiguous(target(X))
-    assert_close(mf.weighted_sum(Xt, target(w), backend=target.backend), reference.weighted_sum(X.double(), w),
-                 torch.bfloat16)
+    assert_close(
+        mf.weighted_sum(Xt, target(w), backend=target.backend), reference.weighted_sum(X.double(), w), torch.bfloat16
+    )
     W = noncontiguous(torch.randn(3, 4099, generator=gen).bfloat16())
-    assert_close(mf.weighted_sum(Xt, noncontiguous(target(W)), backend=target.backend),
-                 reference.weighted_sum(X.double(), W.double()), torch.bfloat16)
+    assert_close(
+        mf.weighted_sum(Xt, noncontiguous(target(W)), backend=target.backend),
+        reference.weighted_sum(X.double(), W.double()),
+        torch.bfloat16,
+    )
 
 
 def test_nan_policy(gen, target):

@@ -9,6 +9,7 @@ A method decides two things for a `modfuse.Balancer` step:
 Methods are built on modfuse.ops and the groups layer (modfuse.groups: parameter groups, gradient capture into
 flat banks, collectives) only; they never see the Balancer. `create(name, groups, **options)` builds one.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -21,6 +22,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from modfuse.groups import Groups
 
+
 @dataclass
 class Step:
     """What one Balancer.backward call was given. Methods read the fields they need."""
@@ -32,7 +34,7 @@ class Step:
     target: torch.Tensor | None = None
     forward: Callable | None = None
     inputs: Mapping | None = None
-    epoch: int = 0          # epochs finished before this step
+    epoch: int = 0  # epochs finished before this step
     #: per objective row (modalities, then "fused"): samples over all ranks that have it (set by the Balancer)
     row_samples: dict[str, float] = field(default_factory=dict)
     #: per objective row: how many ranks have it
@@ -44,8 +46,9 @@ class Step:
 
     def named_losses(self) -> list[tuple[str, torch.Tensor]]:
         """The losses that were passed, named as error messages name them."""
-        return ([("fused", self.fused)] if self.fused is not None else []) + \
-            [(f"unimodal[{m!r}]", v) for m, v in self.unimodal.items()]
+        return ([("fused", self.fused)] if self.fused is not None else []) + [
+            (f"unimodal[{m!r}]", v) for m, v in self.unimodal.items()
+        ]
 
     def objectives(self) -> list[tuple[str, torch.Tensor]]:
         """The per-modality objectives in modality order, then the fused one: the rows of a moment bank."""
@@ -88,10 +91,12 @@ class Method:
     def __init__(self, groups: Groups):
         self.groups = groups
         if groups.fsdp and not self.fsdp2:
-            raise ValueError(f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
-                             "backwards per step or the whole gradient of a group on every rank; use "
-                             "DistributedDataParallel, or a method that runs under FSDP2 (none, mimo, i2m2, "
-                             "utilization, calibrated with moments='per_sample', ogm_ge, greedy, mmpareto)")
+            raise ValueError(
+                f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
+                "backwards per step or the whole gradient of a group on every rank; use "
+                "DistributedDataParallel, or a method that runs under FSDP2 (none, mimo, i2m2, "
+                "utilization, calibrated with moments='per_sample', ogm_ge, greedy, mmpareto)"
+            )
 
     # -- the two decisions ----------------------------------------------------------------------------------
     def objective(self, step: Step) -> torch.Tensor:
@@ -133,13 +138,17 @@ def reduce_encoder_banks(groups: Groups, total: torch.Tensor, rows: int = 1, sum
     collective for the banks, every other gradient and `summed`; unreached parameters end with `.grad = None`."""
     banks, reached = groups.backward_into_banks(total, rows)
     entries = [(layout, buf) for layouts in banks.values() for layout, buf in layouts]
-    flags = [torch.tensor([float(id(p) in reached) for p in layout.params], dtype=buf.dtype, device=buf.device)
-             for layout, buf in entries]
+    flags = [
+        torch.tensor([float(id(p) in reached) for p in layout.params], dtype=buf.dtype, device=buf.device)
+        for layout, buf in entries
+    ]
     encoder_ids = {id(p) for layout, _ in entries for p in layout.params}
     others = [p for p in groups.trainable if id(p) not in encoder_ids]
     pairs, flats, others_reached = groups.grads_to_reduce(others)
-    groups.all_reduce_(weighted=[*(buf[0] for _, buf in entries), *flats],
-                       summed=[*flags, *summed, *([] if others_reached is None else [others_reached])])
+    groups.all_reduce_(
+        weighted=[*(buf[0] for _, buf in entries), *flats],
+        summed=[*flags, *summed, *([] if others_reached is None else [others_reached])],
+    )
     groups.finish_grads(pairs, others_reached)
     for (layout, _), flag in zip(entries, flags):
         for p, f in zip(layout.params, flag.tolist()):
@@ -157,8 +166,10 @@ def create(name: str, groups: Groups, **options) -> Method:
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "groups")]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
-                        f"{', '.join(map(repr, allowed)) or 'none'}")
+        raise TypeError(
+            f"method {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
+            f"{', '.join(map(repr, allowed)) or 'none'}"
+        )
     return cls(groups, **options)
 
 

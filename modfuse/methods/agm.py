@@ -27,6 +27,7 @@ Masked forwards run in the model's current mode (the authors switch to eval for 
 Distributed: the score sums and sample counts are summed over ranks before k is formed, so every rank scales by
 the same k, equal to one process on the concatenated batch.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -133,8 +134,9 @@ class AGM(Method):
     def load_state_dict(self, state):
         running, steps = state.get("running"), state.get("steps")
         if not isinstance(running, torch.Tensor) or running.shape != self.running.shape:
-            raise ValueError(f"the agm state's running scores must be a tensor of {self.running.numel()} values, "
-                             f"got {running!r}")
+            raise ValueError(
+                f"the agm state's running scores must be a tensor of {self.running.numel()} values, got {running!r}"
+            )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"the agm state's steps must be an int >= 0, got {steps!r}")
         self.running = running.to(torch.float64).cpu().clone()

@@ -33,6 +33,7 @@ Options: moments, microbatches (8; K = 4 gives weak evidence), kappa (1), eps (N
 torch.distributed each rank runs Op 4 on its 1/W slice of the summed banks and one all-gather returns the result,
 (W-1)/W (2R + 1) D elements per rank against 2 (W-1)/W 2R D for "all_reduce" of the banks).
 """
+
 from __future__ import annotations
 
 import weakref
@@ -55,23 +56,36 @@ class Calibrated(Method):
     name = "calibrated"
     requires = ()
     plain_gradients = False
-    fsdp2 = True   # the per_sample route; the micro-batch route raises below
+    fsdp2 = True  # the per_sample route; the micro-batch route raises below
 
-    def __init__(self, groups, moments: str = "microbatch", microbatches: int = 8, kappa: float = 1.0,
-                 eps: float | None = None, evidence_max: float = 1e6, include_fused: bool = True,
-                 compile: bool = False, collectives: str = "reduce_scatter"):
+    def __init__(
+        self,
+        groups,
+        moments: str = "microbatch",
+        microbatches: int = 8,
+        kappa: float = 1.0,
+        eps: float | None = None,
+        evidence_max: float = 1e6,
+        include_fused: bool = True,
+        compile: bool = False,
+        collectives: str = "reduce_scatter",
+    ):
         super().__init__(groups)
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
         if groups.fsdp and moments == "microbatch":
-            raise ValueError("method 'calibrated' with moments='microbatch' cannot run under FSDP2 (fully_shard): "
-                             "its R * K backwards need the unsharded parameters; use moments='per_sample' (it runs "
-                             "shard-local under FSDP2), or DistributedDataParallel")
+            raise ValueError(
+                "method 'calibrated' with moments='microbatch' cannot run under FSDP2 (fully_shard): "
+                "its R * K backwards need the unsharded parameters; use moments='per_sample' (it runs "
+                "shard-local under FSDP2), or DistributedDataParallel"
+            )
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2:
             raise ValueError(f"microbatches must be an int >= 2 (a variance needs two samples), got {microbatches!r}")
         if not groups.shared:
-            raise ValueError("method 'calibrated' needs shared= parameters (those every modality's objective "
-                             "reaches, e.g. a head applied to each embedding)")
+            raise ValueError(
+                "method 'calibrated' needs shared= parameters (those every modality's objective "
+                "reaches, e.g. a head applied to each embedding)"
+            )
         if not isinstance(include_fused, bool):
             raise TypeError(f"include_fused must be True or False, got {include_fused!r}")
         if collectives not in ("reduce_scatter", "all_reduce"):
@@ -110,27 +124,36 @@ class Calibrated(Method):
         missing = [m for m in self.groups.modalities if m not in step.unimodal]
         if self.groups.fsdp and missing:
             # each objective's backward fires FSDP2's hooks (collectives): every rank must run the same ones
-            raise ValueError(f"method 'calibrated' under FSDP2 needs unimodal= losses for every modality on every "
-                             f"rank; missing: {', '.join(map(repr, missing))}")
+            raise ValueError(
+                f"method 'calibrated' under FSDP2 needs unimodal= losses for every modality on every "
+                f"rank; missing: {', '.join(map(repr, missing))}"
+            )
         for name, loss in rows:
             if loss.dim() != 1:
-                raise ValueError(f"method 'calibrated' needs per-sample losses (reduction='none'), but the {name} "
-                                 f"loss has shape {tuple(loss.shape)}")
+                raise ValueError(
+                    f"method 'calibrated' needs per-sample losses (reduction='none'), but the {name} "
+                    f"loss has shape {tuple(loss.shape)}"
+                )
         N = rows[0][1].shape[0]
         if any(loss.shape[0] != N for _, loss in rows):
             raise ValueError("the per-sample losses must all have the same length N (one batch)")
         if self.moments == "microbatch" and N < self.K:
             raise ValueError(f"a batch of N = {N} samples cannot be cut into microbatches = {self.K} parts")
         if self.moments == "per_sample" and not any(self._calls.values()):
-            raise ValueError("moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
-                             "step: build the Balancer before the forward pass and run the forward with autograd enabled")
+            raise ValueError(
+                "moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
+                "step: build the Balancer before the forward pass and run the forward with autograd enabled"
+            )
 
     def backward(self, step, total):
         groups = self.groups
         # The bank rows are the objectives present on any rank (agreed by the Balancer); absent here: zeros, n = 0.
         local = dict(step.objectives() if self.include_fused else step.unimodal.items())
-        names = [m for m in groups.modalities + ["fused"] if step.row_ranks.get(m, int(m in local)) > 0 and
-                 (m != "fused" or self.include_fused)]
+        names = [
+            m
+            for m in groups.modalities + ["fused"]
+            if step.row_ranks.get(m, int(m in local)) > 0 and (m != "fused" or self.include_fused)
+        ]
         rows = [(name, local.get(name)) for name in names]
         N = next(loss.shape[0] for loss in local.values())
         banks = [MomentBank(layout, len(rows)) for layout in self.layouts]
@@ -146,11 +169,20 @@ class Calibrated(Method):
             return
         if others:
             groups.backward(total, others)
-        flags = [torch.tensor([float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype,
-                              device=bank.S1.device) for bank in banks]
+        flags = [
+            torch.tensor(
+                [float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype, device=bank.S1.device
+            )
+            for bank in banks
+        ]
         pairs, flats, others_reached = groups.grads_to_reduce(others)
-        scatter = (self.collectives == "reduce_scatter" and groups.distributed and groups.synced and len(banks) == 1
-                   and all(f.dtype == banks[0].S1.dtype for f in flats))
+        scatter = (
+            self.collectives == "reduce_scatter"
+            and groups.distributed
+            and groups.synced
+            and len(banks) == 1
+            and all(f.dtype == banks[0].S1.dtype for f in flats)
+        )
         self._last = []
         if scatter:
             # Shard-local Op 4: each rank calibrates its 1/W slice of the summed banks; one all-gather returns
@@ -162,22 +194,25 @@ class Calibrated(Method):
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
 
             def op4(slice_, real):
-                out, stats = (self._compiled or calibrate)(slice_[:R].contiguous(), slice_[R:].contiguous(), bank.n,
-                                                           self.kappa, eps, self.evidence_max)
+                out, stats = (self._compiled or calibrate)(
+                    slice_[:R].contiguous(), slice_[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
+                )
                 Dw = slice_.shape[1]
                 # per-slice sums; padding elements have zero belief and zero evidence
                 sums = torch.stack([stats[:, 0], stats[:, 1], stats[:, 2] * Dw, stats[:, 3] * Dw - (Dw - real)], 1)
                 return out, sums
-            out, sums, extra = groups.scatter_apply_gather(torch.cat([bank.S1, bank.S2]), op4, extra,
-                                                           extra_weighted=sum(f.numel() for f in flats))
+
+            out, sums, extra = groups.scatter_apply_gather(
+                torch.cat([bank.S1, bank.S2]), op4, extra, extra_weighted=sum(f.numel() for f in flats)
+            )
             start = 0
             for flat in flats:
-                flat.copy_(extra[start:start + flat.numel()])
+                flat.copy_(extra[start : start + flat.numel()])
                 start += flat.numel()
-            flags = [extra[start:start + flags[0].numel()]]
+            flags = [extra[start : start + flags[0].numel()]]
             start += flags[0].numel()
             if others_reached is not None:
-                others_reached = extra[start:start + others_reached.numel()]
+                others_reached = extra[start : start + others_reached.numel()]
             groups.finish_grads(pairs, others_reached)
             D = bank.layout.numel
             stats = sums.view(R, 4).clone()
@@ -185,21 +220,25 @@ class Calibrated(Method):
             results = [(bank, out, stats)]
         else:
             # one packed all-reduce: the moment banks (sums), the reached flags and the other parameters' gradients
-            groups.all_reduce_(weighted=flats, summed=[t for bank in banks for t in (bank.S1, bank.S2, bank.n)] +
-                               flags + ([] if others_reached is None else [others_reached]))
+            groups.all_reduce_(
+                weighted=flats,
+                summed=[t for bank in banks for t in (bank.S1, bank.S2, bank.n)]
+                + flags
+                + ([] if others_reached is None else [others_reached]),
+            )
             groups.finish_grads(pairs, others_reached)
             results = None
         for bank, flag in zip(banks, flags):
             for p, f in zip(bank.layout.params, flag.tolist()):
                 if f == 0:
-                    raise ValueError(f"shared parameter {groups.name_of(p)!r} received no gradient from any "
-                                     "objective of this step")
+                    raise ValueError(
+                        f"shared parameter {groups.name_of(p)!r} received no gradient from any objective of this step"
+                    )
         if results is None:
             results = []
             for bank in banks:
                 eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-                out, stats = (self._compiled or calibrate)(bank.S1, bank.S2, bank.n, self.kappa, eps,
-                                                           self.evidence_max)
+                out, stats = (self._compiled or calibrate)(bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max)
                 results.append((bank, out, stats))
         for bank, out, stats in results:
             out = out.to(bank.layout.dtype)
@@ -218,16 +257,19 @@ class Calibrated(Method):
         R = len(names)
         for bank in banks:
             bank.n.copy_(torch.tensor([self._count(step, name, N) for name in names], dtype=bank.n.dtype))
-            flags = torch.tensor([float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype,
-                                 device=bank.S1.device)
+            flags = torch.tensor(
+                [float(id(p) in reached) for p in bank.layout.params], dtype=bank.S1.dtype, device=bank.S1.device
+            )
             mine, where, flags = groups.reduce_scatter_to_shards(bank.layout, torch.cat([bank.S1, bank.S2]), flags)
             for p, f in zip(bank.layout.params, flags.tolist()):
                 if f == 0:
-                    raise ValueError(f"shared parameter {groups.name_of(p)!r} received no gradient from any "
-                                     "objective of this step")
+                    raise ValueError(
+                        f"shared parameter {groups.name_of(p)!r} received no gradient from any objective of this step"
+                    )
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-            out, stats = (self._compiled or calibrate)(mine[:R].contiguous(), mine[R:].contiguous(), bank.n,
-                                                       self.kappa, eps, self.evidence_max)
+            out, stats = (self._compiled or calibrate)(
+                mine[:R].contiguous(), mine[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
+            )
             L = mine.shape[1]
             real = sum(numel for _, _, numel in where)
             # sums over this rank's slice (padding has zero belief and zero evidence), then over ranks
@@ -238,7 +280,7 @@ class Calibrated(Method):
             with torch.no_grad():
                 for p, start, numel in where:
                     local = p.grad.to_local()
-                    local.copy_(out[start:start + numel].view_as(local))
+                    local.copy_(out[start : start + numel].view_as(local))
             self._last.append((names, sums))
 
     def _count(self, step, name, N):
@@ -257,11 +299,11 @@ class Calibrated(Method):
             # K parts per rank: scale = (parts over all ranks) / (samples over all ranks), K / N in one process
             scale = self.K * step.row_ranks.get(name, 1) / step.row_samples.get(name, N)
             for k in range(self.K):
-                part = loss[bounds[k]:bounds[k + 1]].sum() * scale
+                part = loss[bounds[k] : bounds[k + 1]].sum() * scale
                 grads = self.groups.grads(part, params)
                 i = 0
                 for layout, bank, flat in zip(self.layouts, banks, scratch):
-                    g = grads[i:i + len(layout.params)]
+                    g = grads[i : i + len(layout.params)]
                     i += len(layout.params)
                     reached.update(id(p) for p, gp in zip(layout.params, g) if gp is not None)
                     layout.flatten_into(flat, g)
@@ -279,8 +321,10 @@ class Calibrated(Method):
         linears = []
         for name, p in self.groups.shared:
             if id(p) not in owner:
-                raise ValueError(f"moments='per_sample' needs every shared parameter to be the weight or bias of an "
-                                 f"nn.Linear; {name!r} is not (use moments='microbatch')")
+                raise ValueError(
+                    f"moments='per_sample' needs every shared parameter to be the weight or bias of an "
+                    f"nn.Linear; {name!r} is not (use moments='microbatch')"
+                )
             if owner[id(p)] not in linears:
                 linears.append(owner[id(p)])
         # the parameters as registered now: under FSDP2 `module.weight` is swapped for an unsharded tensor
@@ -300,10 +344,13 @@ class Calibrated(Method):
             for (module, x, _), gy in zip(calls, gys):
                 if gy is not None:
                     if x.shape[0] != N:
-                        raise ValueError(f"moments='per_sample': a shared nn.Linear saw a batch of {x.shape[0]} "
-                                         f"rows but the losses have N = {N} samples")
-                    per_module.setdefault(module, []).append((x.reshape(N, -1, x.shape[-1]),
-                                                              gy.reshape(N, -1, gy.shape[-1])))
+                        raise ValueError(
+                            f"moments='per_sample': a shared nn.Linear saw a batch of {x.shape[0]} "
+                            f"rows but the losses have N = {N} samples"
+                        )
+                    per_module.setdefault(module, []).append(
+                        (x.reshape(N, -1, x.shape[-1]), gy.reshape(N, -1, gy.shape[-1]))
+                    )
             for module, pairs in per_module.items():
                 x = torch.cat([a for a, _ in pairs], dim=1)
                 gy = torch.cat([b for _, b in pairs], dim=1)
@@ -331,8 +378,10 @@ class Calibrated(Method):
         names = self._last[0][0]
         weights = [layout.numel for layout in self.layouts]
         # Sums add over groups; the two means are weighted by each group's element count.
-        total = sum(torch.stack([s[:, 0], s[:, 1], s[:, 2] * w, s[:, 3] * w], 1).double().cpu()
-                    for (_, s), w in zip(self._last, weights))
+        total = sum(
+            torch.stack([s[:, 0], s[:, 1], s[:, 2] * w, s[:, 3] * w], 1).double().cpu()
+            for (_, s), w in zip(self._last, weights)
+        )
         D = sum(weights)
         for r, name in enumerate(names):
             norm2, kept2, b, zero = total[r].tolist()

@@ -28,6 +28,7 @@ What differs from the authors' code, and why:
 Fused ops: one Op 1 launch per encoder gives the squared norms of every gradient and parameter tensor (the
 gradients sit in row 0 of a flat bank, the parameters are copied into row 1).
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,15 @@ class Greedy(Method):
     plain_gradients = False
     fsdp2 = True
 
-    def __init__(self, groups, threshold: float = 0.3, hold_steps: int = 5, window_steps: int | None = None,
-                 cumulative: bool = False, start_epoch: int = 0):
+    def __init__(
+        self,
+        groups,
+        threshold: float = 0.3,
+        hold_steps: int = 5,
+        window_steps: int | None = None,
+        cumulative: bool = False,
+        start_epoch: int = 0,
+    ):
         super().__init__(groups)
         if len(groups.modalities) < 2:
             raise ValueError("method 'greedy' needs at least two modalities")
@@ -65,7 +73,7 @@ class Greedy(Method):
         device = groups.trainable[0].device
         self.speeds = torch.zeros(len(groups.modalities), dtype=torch.float64, device=device)
         self.window_count = 0
-        self.held: int | None = None    # index of the held modality
+        self.held: int | None = None  # index of the held modality
         self.hold_left = 0
         self.holds = [0] * len(groups.modalities)  # how many holds each modality got (for logging)
         self.held_params: set[int] = set()
@@ -150,15 +158,22 @@ class Greedy(Method):
         return out
 
     def state_dict(self):
-        return {"speeds": self.speeds.clone(), "window_count": self.window_count, "held": self.held, "epoch": self.epoch,
-                "hold_left": self.hold_left, "holds": list(self.holds)}
+        return {
+            "speeds": self.speeds.clone(),
+            "window_count": self.window_count,
+            "held": self.held,
+            "epoch": self.epoch,
+            "hold_left": self.hold_left,
+            "holds": list(self.holds),
+        }
 
     def load_state_dict(self, state):
         M = len(self.groups.modalities)
         speeds, held, holds = state.get("speeds"), state.get("held"), state.get("holds")
         if not isinstance(speeds, torch.Tensor) or speeds.shape != (M,):
-            raise ValueError(f"the greedy state holds speeds for {getattr(speeds, 'shape', None)} modalities, this "
-                             f"Balancer has {M}")
+            raise ValueError(
+                f"the greedy state holds speeds for {getattr(speeds, 'shape', None)} modalities, this Balancer has {M}"
+            )
         if held is not None and not (isinstance(held, int) and 0 <= held < M):
             raise ValueError(f"the greedy state's held modality {held!r} is not an index below {M}")
         if not isinstance(holds, (list, tuple)) or len(holds) != M:
@@ -170,4 +185,3 @@ class Greedy(Method):
         self.speeds.copy_(speeds.to(self.speeds.device))
         self.epoch = epoch
         self.window_count, self.held, self.hold_left, self.holds = window_count, held, hold_left, list(holds)
-

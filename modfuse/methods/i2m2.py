@@ -11,6 +11,7 @@ way a single fused head lets it be. The method's objective is the negative log-l
 (plus the fused and unimodal losses, if passed); gradients are plain. Needs logits for every modality, fused_logits
 (f_joint) and target.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -25,6 +25,7 @@ gives every tensor's sum of squares for the trace; row 1 of the bank holds theta
 Distributed: the scores are sums over samples and the gradients the reduced ones, so every rank takes the same
 decision and the step equals one process on the concatenated batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,7 +71,7 @@ class InfoReg(Method):
         if isinstance(window, bool) or not isinstance(window, (int, float)):
             raise TypeError(f"window must be a number, got {window!r}")
         self.window = float(window)
-        self.traces: dict[str, list[float]] = {m: [] for m in groups.modalities}   # one entry per finished epoch
+        self.traces: dict[str, list[float]] = {m: [] for m in groups.modalities}  # one entry per finished epoch
         self._epoch_trace = {m: 0.0 for m in groups.modalities}
         self.anchors = self._snapshot()
         self._beta: list[float] | None = None
@@ -88,11 +89,13 @@ class InfoReg(Method):
 
     def backward(self, step, total):
         groups = self.groups
-        scores = torch.stack([true_class_probability(step.logits[m].detach(), step.target).sum()
-                              for m in groups.modalities]).double()
+        scores = torch.stack(
+            [true_class_probability(step.logits[m].detach(), step.target).sum() for m in groups.modalities]
+        ).double()
         banks = reduce_encoder_banks(groups, total, rows=2, summed=[scores])
-        open_ = torch.tensor([window_signal(self.traces[m]) > self.window for m in groups.modalities],
-                             device=scores.device)
+        open_ = torch.tensor(
+            [window_signal(self.traces[m]) > self.window for m in groups.modalities], device=scores.device
+        )
         beta = proximal_coefficients(scores, open_, self.coefficient)
         self._beta = beta.tolist()
         for u, m in enumerate(groups.modalities):
@@ -101,7 +104,7 @@ class InfoReg(Method):
                     layout.flatten_into(buf[1], [p.detach() for p in layout.params])
                     buf[1].sub_(anchor)
                     buf[0].add_(buf[1], alpha=self._beta[u])
-                sq = ops.segment_sq_norms(buf[0], layout.offsets).double()   # one launch: every tensor's sum g^2
+                sq = ops.segment_sq_norms(buf[0], layout.offsets).double()  # one launch: every tensor's sum g^2
                 sizes = (layout.offsets[1:] - layout.offsets[:-1]).to(sq)
                 weights = torch.tensor([p.dim() >= 2 for p in layout.params], dtype=sq.dtype, device=sq.device)
                 self._epoch_trace[m] += float((sq / sizes.clamp(min=1) * weights).sum())
@@ -124,19 +127,28 @@ class InfoReg(Method):
     def state_dict(self):
         # anchors as one float64 tensor (exact for every float dtype), in encoder and layout order
         flat = [a.detach().to("cpu", torch.float64) for m in self.groups.modalities for a in self.anchors[m]]
-        return {"traces": {m: list(v) for m, v in self.traces.items()}, "epoch_trace": dict(self._epoch_trace),
-                "anchors": torch.cat(flat)}
+        return {
+            "traces": {m: list(v) for m, v in self.traces.items()},
+            "epoch_trace": dict(self._epoch_trace),
+            "anchors": torch.cat(flat),
+        }
 
     def load_state_dict(self, state):
         traces, epoch_trace, anchors = state.get("traces"), state.get("epoch_trace"), state.get("anchors")
         mods = set(self.groups.modalities)
-        if not isinstance(traces, dict) or set(traces) != mods or not isinstance(epoch_trace, dict) \
-                or set(epoch_trace) != mods:
+        if (
+            not isinstance(traces, dict)
+            or set(traces) != mods
+            or not isinstance(epoch_trace, dict)
+            or set(epoch_trace) != mods
+        ):
             raise ValueError(f"the inforeg state must hold traces and epoch_trace for the modalities {sorted(mods)}")
         sizes = [a.numel() for m in self.groups.modalities for a in self.anchors[m]]
         if not isinstance(anchors, torch.Tensor) or anchors.shape != (sum(sizes),):
-            raise ValueError(f"the inforeg state's anchors must be one tensor of {sum(sizes)} values (this model's "
-                             f"encoder parameters), got {getattr(anchors, 'shape', anchors)!r}")
+            raise ValueError(
+                f"the inforeg state's anchors must be one tensor of {sum(sizes)} values (this model's "
+                f"encoder parameters), got {getattr(anchors, 'shape', anchors)!r}"
+            )
         parts = iter(torch.split(anchors, sizes))
         self.anchors = {m: [next(parts).to(a) for a in self.anchors[m]] for m in self.groups.modalities}
         self.traces = {m: [float(x) for x in traces[m]] for m in self.groups.modalities}

@@ -6,6 +6,7 @@ logsumexp / tau is a smooth maximum of the unimodal losses L_m (tau -> 0: the wo
 tau -> inf: their sum plus tau log M), so the modality that lags gets the most weight. Defaults lam = 1, tau = 1.
 It replaces the plain sum of the unimodal losses; gradients are plain. Needs unimodal losses for every modality.
 """
+
 from __future__ import annotations
 
 import torch

@@ -24,6 +24,7 @@ Fused ops: the two gradients are the rows of one [3, D] bank; Op 5 (gram) gives 
 (weighted_sum) writes g; for the per-tensor rescale row 2 holds g_mm + g_m, one Op 1 launch gives both per-tensor
 norms and one segment_scale_ applies the factors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,9 @@ class MMPareto(Method):
         super().__init__(groups)
         self.gamma = check.positive("gamma", gamma)
         if rescale not in ("tensor", "encoder"):
-            raise ValueError(f"rescale must be 'tensor' (per parameter tensor, the authors' code) or 'encoder', "
-                             f"got {rescale!r}")
+            raise ValueError(
+                f"rescale must be 'tensor' (per parameter tensor, the authors' code) or 'encoder', got {rescale!r}"
+            )
         self.rescale = rescale
         self._cos: dict[str, float] | None = None
         self.conflicts = 0  # (encoder, step) pairs with cos <= 0 so far
@@ -89,8 +91,9 @@ class MMPareto(Method):
                 X = layout.grad_rows(3)  # g_mm, g_m, and room for g_mm + g_m
                 layout.flatten_into(X[0], g_mm)
                 layout.flatten_into(X[1], g_m)
-                reached = torch.tensor([float(a is not None or b is not None) for a, b in zip(g_mm, g_m)],
-                                       dtype=X.dtype, device=X.device)
+                reached = torch.tensor(
+                    [float(a is not None or b is not None) for a, b in zip(g_mm, g_m)], dtype=X.dtype, device=X.device
+                )
                 banks.append((m, layout, X, reached))
         encoder_ids = set(map(id, all_params))
         others = [p for p in groups.trainable if id(p) not in encoder_ids]
@@ -124,11 +127,11 @@ class MMPareto(Method):
             for p in every:
                 p.grad = None
             return grads
+
         groups.backward(step.mean(step.fused), groups.trainable, retain_graph=True)
         g_mm, g_m = take(), {}
         for i, m in enumerate(groups.modalities):
-            groups.backward(step.mean(step.unimodal[m]), groups.trainable,
-                            retain_graph=i < len(groups.modalities) - 1)
+            groups.backward(step.mean(step.unimodal[m]), groups.trainable, retain_graph=i < len(groups.modalities) - 1)
             got = take()
             g_m.update({id(p): got[id(p)] for p in enc[m]})
         pairs = [(g_mm[id(p)], g_m[id(p)]) for p in every]
@@ -147,7 +150,7 @@ class MMPareto(Method):
         cos, t0 = {}, 0
         for m in groups.modalities:
             T = len(enc[m])
-            xx, xy, yy = partial[t0:t0 + T].unbind(1)
+            xx, xy, yy = partial[t0 : t0 + T].unbind(1)
             G = torch.stack([torch.stack([xx.sum(), xy.sum()]), torch.stack([xy.sum(), yy.sum()])])
             w, c = pareto_weights(G)
             cos[m] = c
@@ -185,8 +188,8 @@ class MMPareto(Method):
             g_sq = w[0] ** 2 * a + 2 * w[0] * w[1] * ab + w[1] ** 2 * b
             return ops.weighted_sum(X[:2], w * rescale_factor(a + 2 * ab + b, g_sq) * self.gamma)
         torch.add(X[0], X[1], out=X[2])
-        X[1].copy_(ops.weighted_sum(X[:2], w))       # g; X[1] is no longer needed
-        sq = ops.segment_sq_norms(X[1:], offsets).double()   # [2, tensors]: ||g_t||^2, ||g_mm,t + g_m,t||^2
+        X[1].copy_(ops.weighted_sum(X[:2], w))  # g; X[1] is no longer needed
+        sq = ops.segment_sq_norms(X[1:], offsets).double()  # [2, tensors]: ||g_t||^2, ||g_mm,t + g_m,t||^2
         ops.segment_scale_(X[1], offsets, rescale_factor(sq[1], sq[0]) * self.gamma)
         return X[1]
 

@@ -3,6 +3,7 @@
 loss = L_fused (+ sum_m L_m when unimodal losses are passed: that is the fused+unimodal control, which every
 comparison must show beside the methods that add unimodal losses). Gradients are those of `loss.backward()`.
 """
+
 from modfuse.methods import Method, register
 
 

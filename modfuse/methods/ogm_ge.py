@@ -20,6 +20,7 @@ The training objective is the fused loss (plus the unimodal losses, if passed). 
 gradients sit in one flat bank (see Groups.backward_into_banks); Op 1 gives every tensor's sum of squares in one
 launch and Op 6 (segment_scale_) scales and adds the noise to all of them in one more.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ def concat_head_unimodal_logits(head: torch.nn.Linear, features: dict[str, torch
     M = len(features)
     out, start = {}, 0
     for name, h in features.items():
-        block = head.weight[:, start:start + h.shape[-1]]
+        block = head.weight[:, start : start + h.shape[-1]]
         start += h.shape[-1]
         logits = h @ block.t()
         out[name] = logits + head.bias / M if head.bias is not None else logits
@@ -73,8 +74,17 @@ class OGMGE(Method):
     plain_gradients = False
     fsdp2 = True
 
-    def __init__(self, groups, alpha: float = 0.8, ge: bool = True, continuous: bool = False,
-                 modulate: str = "matrices", start_epoch: int = 0, end_epoch: int = 50, seed: int = 0):
+    def __init__(
+        self,
+        groups,
+        alpha: float = 0.8,
+        ge: bool = True,
+        continuous: bool = False,
+        modulate: str = "matrices",
+        start_epoch: int = 0,
+        end_epoch: int = 50,
+        seed: int = 0,
+    ):
         super().__init__(groups)
         if len(groups.modalities) < 2:
             raise ValueError("method 'ogm_ge' needs at least two modalities")
@@ -103,9 +113,9 @@ class OGMGE(Method):
         if active:
             # packed with the gradients, so in their dtype when that is float32/float64 (one collective)
             dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
-            scores = torch.stack([true_class_probability(step.logits[m].detach(), y).sum()
-                                  for m in groups.modalities]).to(dtype if dtype in (torch.float32, torch.float64)
-                                                                  else torch.float64)
+            scores = torch.stack(
+                [true_class_probability(step.logits[m].detach(), y).sum() for m in groups.modalities]
+            ).to(dtype if dtype in (torch.float32, torch.float64) else torch.float64)
         if groups.fsdp:
             self._fsdp_backward(total, scores)
             return
@@ -119,8 +129,7 @@ class OGMGE(Method):
         for u, m in enumerate(groups.modalities):
             for layout, buf in banks[m]:
                 grad = buf[0]
-                mask = torch.tensor([self.modulate == "all" or p.dim() >= 2 for p in layout.params],
-                                    device=grad.device)
+                mask = torch.tensor([self.modulate == "all" or p.dim() >= 2 for p in layout.params], device=grad.device)
                 scale = torch.where(mask, k[u].to(grad.device), torch.ones((), dtype=k.dtype, device=grad.device))
                 noise_std = self._noise_std(grad, layout, mask) if self.ge else None
                 if noise_std is not None and not bool(torch.isfinite(noise_std).all()):
@@ -141,8 +150,12 @@ class OGMGE(Method):
         layouts = [(u, m, layout) for u, m in enumerate(groups.modalities) for layout in groups.encoder_layouts[m]]
         params = [p for _, _, layout in layouts for p in layout.params]
         local = [p.grad.to_local() if p.grad is not None else None for p in params]
-        partial = [torch.zeros(2, dtype=torch.float64) if g is None else
-                   torch.stack([g.double().sum(), g.double().square().sum()]).cpu() for g in local]
+        partial = [
+            torch.zeros(2, dtype=torch.float64)
+            if g is None
+            else torch.stack([g.double().sum(), g.double().square().sum()]).cpu()
+            for g in local
+        ]
         packed = torch.cat([scores.double().cpu(), *partial]) if partial else scores.double().cpu()
         groups.all_reduce_(summed=[packed])
         M = len(groups.modalities)
@@ -152,8 +165,11 @@ class OGMGE(Method):
         i = 0
         for u, m, layout in layouts:
             acc = reference.accumulation_dtype(layout.dtype)
-            noise = torch.randn(layout.numel, generator=self.generator, dtype=acc, device=layout.device) \
-                if self.ge else None
+            noise = (
+                torch.randn(layout.numel, generator=self.generator, dtype=acc, device=layout.device)
+                if self.ge
+                else None
+            )
             for p, (a, _) in zip(layout.params, layout._bounds):
                 g, (total_sum, sq) = local[i], sums[i].tolist()
                 i += 1
@@ -162,7 +178,7 @@ class OGMGE(Method):
                 if self.ge and modulated and p.numel() > 1:
                     n = p.numel()
                     std = max(sq - total_sum * total_sum / n, 0.0) / (n - 1)
-                    std = std ** 0.5 + 1e-8
+                    std = std**0.5 + 1e-8
                     if not math.isfinite(std):
                         raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
                 if g is None:
@@ -171,7 +187,7 @@ class OGMGE(Method):
                 with torch.no_grad():
                     y = g.to(acc) * (float(k[u]) if modulated else 1.0)
                     if noise is not None:
-                        y = y + noise[a + start:a + start + count].view_as(y) * std
+                        y = y + noise[a + start : a + start + count].view_as(y) * std
                     g.copy_(y)
 
     @staticmethod

@@ -20,6 +20,7 @@ sharing 1 - target equally; dominant: the modality a float target is for (defaul
 warmup_epochs (10); steps_per_epoch (None: lambda changes at epoch ends only); seed (0, for the permutations).
 Needs fused_logits, target, forward (inputs dict -> fused logits) and inputs (modality -> input tensor).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,16 +60,25 @@ class Utilization(Method):
     name = "utilization"
     requires = ("fused", "fused_logits", "target", "forward", "inputs")
 
-    def __init__(self, groups, target=0.5, dominant: str | None = None, lambda_max: float = 1.0,
-                 warmup_epochs: float = 10, steps_per_epoch: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        groups,
+        target=0.5,
+        dominant: str | None = None,
+        lambda_max: float = 1.0,
+        warmup_epochs: float = 10,
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__(groups)
         mods = groups.modalities
         if len(mods) < 2:
             raise ValueError("method 'utilization' needs at least two modalities")
         if isinstance(target, dict):
             if set(target) != set(mods):
-                raise ValueError(f"target must give a share for every modality ({', '.join(mods)}), got "
-                                 f"{sorted(target)}")
+                raise ValueError(
+                    f"target must give a share for every modality ({', '.join(mods)}), got {sorted(target)}"
+                )
             shares = [float(target[m]) for m in mods]
         else:
             dominant = mods[0] if dominant is None else dominant
@@ -81,16 +91,17 @@ class Utilization(Method):
         self.targets = torch.tensor(shares, dtype=torch.float64)
         self.lambda_max = check.positive("lambda_max", lambda_max)
         self.warmup_epochs = check.positive("warmup_epochs", warmup_epochs)
-        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
-                                            or steps_per_epoch < 1):
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
             raise ValueError(f"steps_per_epoch must be None or an int >= 1, got {steps_per_epoch!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         self.steps_per_epoch = steps_per_epoch
-        self.epoch = 0             # epochs finished, as the Balancer counts them
+        self.epoch = 0  # epochs finished, as the Balancer counts them
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_in_epoch = 0
-        self.empty_steps = 0       # steps where every d_j <= 0 (no term added)
+        self.empty_steps = 0  # steps where every d_j <= 0 (no term added)
         self._mu = None
 
     def lam(self) -> float:
@@ -103,8 +114,9 @@ class Utilization(Method):
         self.epoch = step.epoch
         total = super().objective(step)
         self._generator_before = self.generator.get_state()  # restored if the step is skipped
-        drops = soft_accuracy_drops(step.forward, step.inputs, step.fused_logits, step.target,
-                                    self.groups.modalities, self.generator)
+        drops = soft_accuracy_drops(
+            step.forward, step.inputs, step.fused_logits, step.target, self.groups.modalities, self.generator
+        )
         mu = utilization_shares(drops)
         self._mu = mu.detach()
         penalty = (mu - self.targets.to(mu.device, mu.dtype)).square().sum()
@@ -134,8 +146,11 @@ class Utilization(Method):
         return out
 
     def state_dict(self):
-        return {"generator": self.generator.get_state(), "steps_in_epoch": self.steps_in_epoch,
-                "empty_steps": self.empty_steps}
+        return {
+            "generator": self.generator.get_state(),
+            "steps_in_epoch": self.steps_in_epoch,
+            "empty_steps": self.empty_steps,
+        }
 
     def load_state_dict(self, state):
         generator = state.get("generator")

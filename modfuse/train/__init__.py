@@ -6,10 +6,19 @@
 The names are imported on first use, so that `modfuse-train` can say which extra is missing (numpy, matplotlib,
 tqdm: `pip install 'modfuse[train]'`) instead of failing on import.
 """
+
 import importlib
 
-_WHERE = {"Config": "config", "ConfigError": "config", "DataError": "data", "Dataset": "data", "load": "data",
-          "RunError": "rundir", "run": "loop", "compare": "compare"}
+_WHERE = {
+    "Config": "config",
+    "ConfigError": "config",
+    "DataError": "data",
+    "Dataset": "data",
+    "load": "data",
+    "RunError": "rundir",
+    "run": "loop",
+    "compare": "compare",
+}
 __all__ = ["Config", "ConfigError", "DataError", "Dataset", "RunError", "compare", "load", "run"]
 
 

@@ -1,4 +1,5 @@
 """python -m modfuse.train: the same as the modfuse-train command."""
+
 import sys
 
 from modfuse.train.cli import main

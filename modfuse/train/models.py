@@ -13,6 +13,7 @@ Fusion (`fusion=`):
 - "i2m2": every modality its own linear classifier and a joint one on the concatenation, combined as the I2M2
   product of experts (modfuse.methods.i2m2). Used by --method i2m2.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,16 @@ def mlp_encoder(features: int, hidden: int) -> nn.Module:
 
 def conv_encoder(channels: int, hidden: int) -> nn.Module:
     """Two 1-D convolutions and global average pooling over time."""
-    return nn.Sequential(nn.Conv1d(channels, 32, 7, padding=3), nn.ReLU(), nn.Conv1d(32, 64, 5, padding=2), nn.ReLU(),
-                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(64, hidden), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv1d(channels, 32, 7, padding=3),
+        nn.ReLU(),
+        nn.Conv1d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+    )
 
 
 def encoder_for(shape: tuple[int, ...], hidden: int) -> nn.Module:

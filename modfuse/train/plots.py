@@ -4,6 +4,7 @@ A comparison draws every row in its own panel (small multiples, the fused-only b
 no row hides another, plus a grouped bar chart of the table's main columns. The spread everywhere is the
 standard deviation over seeds (ddof=1), the same as in the table.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,8 +52,12 @@ def plot_run(summary: dict, run_dir: Path) -> None:
     for m in modalities:
         ax.plot(x, [r["shuffle_utilization"][m] for r in epochs], label=f"{m} (shuffle)")
         ax.plot(x, [r["conditional_utilization"][m] for r in epochs], "--", label=f"{m} (conditional)")
-    ax.set(xlabel="epoch", ylabel="utilization", ylim=(-0.05, 1.05),
-           title=f"{summary['config']['method']}: utilization over epochs")
+    ax.set(
+        xlabel="epoch",
+        ylabel="utilization",
+        ylim=(-0.05, 1.05),
+        title=f"{summary['config']['method']}: utilization over epochs",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, run_dir / "utilization.png")
@@ -70,8 +75,9 @@ def plot_run(summary: dict, run_dir: Path) -> None:
 def _panels(n: int, title: str):
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.6), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.6), sharex=True, sharey=True, squeeze=False
+    )
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
@@ -84,8 +90,11 @@ def plot_comparison(rows: list[dict], out_dir: Path, dominant: str, variances: l
     paths = []
     baseline = rows[0]
     base_curve, _ = _mean_std(baseline["utilization_curves"])
-    fig, axes = _panels(len(rows), f"shuffle utilization of {dominant} over epochs: mean ± standard deviation over "
-                                   f"seeds (grey: {baseline['label']})")
+    fig, axes = _panels(
+        len(rows),
+        f"shuffle utilization of {dominant} over epochs: mean ± standard deviation over "
+        f"seeds (grey: {baseline['label']})",
+    )
     for ax, row in zip(axes, rows):
         mean, std = _mean_std(row["utilization_curves"])
         epochs = np.arange(1, len(mean) + 1)
@@ -100,8 +109,11 @@ def plot_comparison(rows: list[dict], out_dir: Path, dominant: str, variances: l
     paths.append(_save(fig, out_dir / "utilization.png"))
 
     base_noise, _ = _mean_std(baseline["noise"])
-    fig, axes = _panels(len(rows), f"test accuracy with Gaussian noise on {dominant}: mean ± standard deviation "
-                                   f"over seeds (grey: {baseline['label']})")
+    fig, axes = _panels(
+        len(rows),
+        f"test accuracy with Gaussian noise on {dominant}: mean ± standard deviation "
+        f"over seeds (grey: {baseline['label']})",
+    )
     for ax, row in zip(axes, rows):
         xs = _noise_axis(ax, variances)
         mean, std = _mean_std(row["noise"])
@@ -114,17 +126,27 @@ def plot_comparison(rows: list[dict], out_dir: Path, dominant: str, variances: l
     fig.tight_layout()
     paths.append(_save(fig, out_dir / "noise.png"))
 
-    columns = [("accuracy", "clean accuracy"), ("acc_at_max", f"accuracy at σ²={max(variances):g}"),
-               ("mu_dominant", f"MU({dominant})")]
+    columns = [
+        ("accuracy", "clean accuracy"),
+        ("acc_at_max", f"accuracy at σ²={max(variances):g}"),
+        ("mu_dominant", f"MU({dominant})"),
+    ]
     fig, ax = plt.subplots(figsize=(max(7.5, 0.75 * len(rows) + 2), 4.5))
     width = 0.8 / len(columns)
     x = np.arange(len(rows))
     for k, (key, name) in enumerate(columns):
-        ax.bar(x + (k - (len(columns) - 1) / 2) * width, [r["mean"][key] for r in rows], width,
-               yerr=[r["std"][key] for r in rows], capsize=2, label=name)
+        ax.bar(
+            x + (k - (len(columns) - 1) / 2) * width,
+            [r["mean"][key] for r in rows],
+            width,
+            yerr=[r["std"][key] for r in rows],
+            capsize=2,
+            label=name,
+        )
     ax.set_xticks(x, [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
-    ax.set(ylim=(0, 1.2), ylabel="fraction",
-           title="the table's main columns per row, mean ± standard deviation over seeds")
+    ax.set(
+        ylim=(0, 1.2), ylabel="fraction", title="the table's main columns per row, mean ± standard deviation over seeds"
+    )
     ax.legend(fontsize=8, loc="upper center", ncol=len(columns))
     fig.tight_layout()
     paths.append(_save(fig, out_dir / "summary.png"))

@@ -16,6 +16,7 @@ Every file is written to `<name>.tmp` opened with O_EXCL | O_NOFOLLOW (a planted
 written through), synced, then renamed over `<name>`: a kill or a full disk leaves the previous file intact and
 no temporary file behind.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,8 +31,15 @@ MARKER = "modfuse-run.json"
 MARKER_FORMAT = "modfuse-run-directory"
 MARKER_VERSION = 1
 LOCK = ".modfuse.lock"
-RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "pretrained.pt", "summary.json", "utilization.png",
-             "noise.png"}
+RUN_FILES = {
+    "config.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "pretrained.pt",
+    "summary.json",
+    "utilization.png",
+    "noise.png",
+}
 COMPARE_FILES = {"compare.json", "compare.md", "compare.started", "utilization.png", "noise.png", "summary.png"}
 
 
@@ -49,8 +57,10 @@ def write_atomically(path: Path, write) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.is_symlink() or (tmp.exists() and not tmp.is_file()):
-        raise RunError(f"{tmp} is a symbolic link or not a regular file; modfuse-train writes its temporary copy of "
-                       f"{path.name} there and will not write through it: remove it")
+        raise RunError(
+            f"{tmp} is a symbolic link or not a regular file; modfuse-train writes its temporary copy of "
+            f"{path.name} there and will not write through it: remove it"
+        )
     if path.is_symlink():
         raise RunError(f"{path} is a symbolic link; modfuse-train will not replace it: remove it")
     created = False
@@ -111,8 +121,10 @@ def marker_kind(path: Path) -> str | None:
 
 def write_marker(path: Path, kind: str) -> None:
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    write_text(Path(path) / MARKER, json.dumps({"format": MARKER_FORMAT, "version": MARKER_VERSION, "kind": kind,
-                                               "created": created}) + "\n")
+    write_text(
+        Path(path) / MARKER,
+        json.dumps({"format": MARKER_FORMAT, "version": MARKER_VERSION, "kind": kind, "created": created}) + "\n",
+    )
 
 
 def foreign_entries(path: Path, kind: str) -> list[Path]:
@@ -139,6 +151,7 @@ def foreign_entries(path: Path, kind: str) -> list[Path]:
 
 def _is_row_slug(name: str) -> bool:
     from modfuse.train.compare import GRID, slug
+
     return name in {slug(label) for label, _ in GRID}
 
 
@@ -184,8 +197,10 @@ def _lock(path: Path) -> RunLock:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown (it is starting)"
         os.close(fd)
-        raise RunError(f"{path} is in use by another modfuse-train run (PID {holder}); wait for it to end or stop "
-                       "it, or use another --out") from None
+        raise RunError(
+            f"{path} is in use by another modfuse-train run (PID {holder}); wait for it to end or stop "
+            "it, or use another --out"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return RunLock(path, fd)
@@ -212,17 +227,22 @@ def claim(path: str | Path, kind: str, *, resume: bool, overwrite: bool) -> RunL
         if entries and (path / LOCK).exists():
             _lock(path).release()  # a directory in use is refused naming its holder, before anything else
         if entries and not overwrite:
-            raise RunError(f"{what} directory {path} already holds files; pass --overwrite to replace them or "
-                           "--resume to continue")
+            raise RunError(
+                f"{what} directory {path} already holds files; pass --overwrite to replace them or --resume to continue"
+            )
         if entries:
             foreign = foreign_entries(path, kind)
             if foreign == [path]:
-                raise RunError(f"--overwrite refused: {path} is not a modfuse {what} directory (no valid {MARKER}); "
-                               "modfuse deletes only what it created: delete it yourself if you mean it")
+                raise RunError(
+                    f"--overwrite refused: {path} is not a modfuse {what} directory (no valid {MARKER}); "
+                    "modfuse deletes only what it created: delete it yourself if you mean it"
+                )
             if foreign:
-                raise RunError(f"--overwrite refused: {path} holds {foreign[0]}, which modfuse did not write "
-                               f"({len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}); nothing was "
-                               "deleted")
+                raise RunError(
+                    f"--overwrite refused: {path} holds {foreign[0]}, which modfuse did not write "
+                    f"({len(foreign)} such entr{'y' if len(foreign) == 1 else 'ies'}); nothing was "
+                    "deleted"
+                )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -1,4 +1,5 @@
 """Time spent inside modfuse's fused ops during a training step (the "modfuse" part of the step time)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,15 @@ import torch
 from modfuse import ops
 from modfuse.methods import calibrated as calibrated_module
 
-OP_NAMES = ("segment_sq_norms", "moments_accumulate_", "linear_moments", "calibrated_aggregate", "gram",
-            "weighted_sum", "segment_scale_")
+OP_NAMES = (
+    "segment_sq_norms",
+    "moments_accumulate_",
+    "linear_moments",
+    "calibrated_aggregate",
+    "gram",
+    "weighted_sum",
+    "segment_scale_",
+)
 
 
 def synchronize(device: torch.device) -> None:
@@ -37,6 +45,7 @@ def op_timer(device: torch.device):
             synchronize(device)
             spent[0] += time.perf_counter() - start
             return out
+
         return timed
 
     saved = {name: getattr(ops, name) for name in OP_NAMES}

@@ -5,6 +5,7 @@ They run on CUDA tensors, or on CPU tensors under Triton's interpreter (`TRITON_
 triton is imported; slow, and without bfloat16 arithmetic: the CPU tests use it on small shapes). Import is lazy:
 `modfuse.ops` loads this package only when the "triton" backend is chosen.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,6 +39,7 @@ def load() -> None:
     global _loaded
     if not _loaded:
         from modfuse.triton import calibrated_aggregate, gram, linear_moments, segment_sq_norms  # noqa: F401
+
         _loaded = True
 
 

@@ -5,6 +5,7 @@ stay in registers; it writes out[D] (and the fused uncertainty) and its row of p
 [programs, M, 4], which are added in program order in float64 afterwards (fixed shape: deterministic). The math
 is the CPU and CUDA kernels' opinion, step for step (csrc/calibrated_opinion.h).
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,22 @@ BLOCK = 1024
 
 
 @triton.jit
-def _aggregate_kernel(S1_ptr, S2_ptr, n_ptr, out_ptr, u_ptr, partial_ptr, D, kappa, eps, evidence_max,
-                      M: tl.constexpr, BLOCK: tl.constexpr, WRITE_U: tl.constexpr, ACC: tl.constexpr):
+def _aggregate_kernel(
+    S1_ptr,
+    S2_ptr,
+    n_ptr,
+    out_ptr,
+    u_ptr,
+    partial_ptr,
+    D,
+    kappa,
+    eps,
+    evidence_max,
+    M: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WRITE_U: tl.constexpr,
+    ACC: tl.constexpr,
+):
     pid = tl.program_id(0)
     idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < D
@@ -55,9 +70,15 @@ def _aggregate_kernel(S1_ptr, S2_ptr, n_ptr, out_ptr, u_ptr, partial_ptr, D, kap
 
 
 @triton_op("modfuse_triton::calibrated_aggregate", mutates_args=())
-def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, kappa: float, eps: float,
-                         evidence_max: float, return_uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
+def calibrated_aggregate(
+    S1: torch.Tensor,
+    S2: torch.Tensor,
+    n: torch.Tensor,
+    kappa: float,
+    eps: float,
+    evidence_max: float,
+    return_uncertainty: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """S1, S2 [M, D] contiguous, n [M] (accumulation dtype, on S1's device) -> (out [D], stats [M, 4], u [D or 0])."""
     M, D = S1.shape
     acc = acc_dtype(S1.dtype)
@@ -67,8 +88,21 @@ def calibrated_aggregate(S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, ka
     partial = torch.empty(programs, M, 4, dtype=acc, device=S1.device)
     ACC = tl.float64 if acc == torch.float64 else tl.float32
     wrap_triton(_aggregate_kernel)[(programs,)](
-        S1, S2, n, out, u if return_uncertainty else out, partial, D, kappa, eps, evidence_max,
-        M=M, BLOCK=BLOCK, WRITE_U=return_uncertainty, ACC=ACC)
+        S1,
+        S2,
+        n,
+        out,
+        u if return_uncertainty else out,
+        partial,
+        D,
+        kappa,
+        eps,
+        evidence_max,
+        M=M,
+        BLOCK=BLOCK,
+        WRITE_U=return_uncertainty,
+        ACC=ACC,
+    )
     sums = partial.to(torch.float64).sum(0)
     stats = torch.stack([sums[:, 0], sums[:, 1], sums[:, 2] / D, sums[:, 3] / D], 1).to(acc)
     return out, stats, u

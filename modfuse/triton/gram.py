@@ -5,6 +5,7 @@ smallest tl.dot size), converts them to the accumulation dtype and accumulates t
 (no TF32). Per-program partials [programs, RP, RP] are added in program order afterwards (fixed shape:
 deterministic); the result is symmetric by construction.
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ Programs of the first I-tile column also accumulate the bias moments sum_n b_n a
 Products run in the accumulation dtype (float64 when x and gy are float64, else float32) at full precision
 (no TF32), because S2 squares small gradients.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,23 @@ def _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, 
 
 
 @triton.jit
-def _moments_t1_kernel(x_ptr, gy_ptr, fg_ptr, fx_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, I, O,
-                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+def _moments_t1_kernel(
+    x_ptr,
+    gy_ptr,
+    fg_ptr,
+    fx_ptr,
+    S1_ptr,
+    S2_ptr,
+    B1_ptr,
+    B2_ptr,
+    N,
+    I,
+    O,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,
+):
     po = tl.program_id(0)
     pi = tl.program_id(1)
     o = po * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -49,11 +65,13 @@ def _moments_t1_kernel(x_ptr, gy_ptr, fg_ptr, fx_ptr, S1_ptr, S2_ptr, B1_ptr, B2
     b2 = tl.zeros([BLOCK_O], dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        g = tl.load(gy_ptr + n[:, None] * O + o[None, :], mask=(n[:, None] < N) & (o[None, :] < O),
-                    other=0.0).to(ACC)                                   # [BLOCK_N, BLOCK_O]
-        x = tl.load(x_ptr + n[:, None] * I + i[None, :], mask=(n[:, None] < N) & (i[None, :] < I),
-                    other=0.0).to(ACC)                                   # [BLOCK_N, BLOCK_I]
-        fg = tl.load(fg_ptr + n, mask=n < N, other=1.0)                 # [BLOCK_N] powers of two
+        g = tl.load(gy_ptr + n[:, None] * O + o[None, :], mask=(n[:, None] < N) & (o[None, :] < O), other=0.0).to(
+            ACC
+        )  # [BLOCK_N, BLOCK_O]
+        x = tl.load(x_ptr + n[:, None] * I + i[None, :], mask=(n[:, None] < N) & (i[None, :] < I), other=0.0).to(
+            ACC
+        )  # [BLOCK_N, BLOCK_I]
+        fg = tl.load(fg_ptr + n, mask=n < N, other=1.0)  # [BLOCK_N] powers of two
         fx = tl.load(fx_ptr + n, mask=n < N, other=1.0)
         gb = tl.trans(g * fg[:, None])
         xb = x * fx[:, None]
@@ -66,8 +84,22 @@ def _moments_t1_kernel(x_ptr, gy_ptr, fg_ptr, fx_ptr, S1_ptr, S2_ptr, B1_ptr, B2
 
 
 @triton.jit
-def _moments_seq_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, T, I, O,
-                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr):
+def _moments_seq_kernel(
+    x_ptr,
+    gy_ptr,
+    S1_ptr,
+    S2_ptr,
+    B1_ptr,
+    B2_ptr,
+    N,
+    T,
+    I,
+    O,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ACC: tl.constexpr,
+):
     po = tl.program_id(0)
     pi = tl.program_id(1)
     o = po * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -77,15 +109,17 @@ def _moments_seq_kernel(x_ptr, gy_ptr, S1_ptr, S2_ptr, B1_ptr, B2_ptr, N, T, I, 
     b1 = tl.zeros([BLOCK_O], dtype=ACC)
     b2 = tl.zeros([BLOCK_O], dtype=ACC)
     for n in range(0, N):
-        w = tl.zeros([BLOCK_O, BLOCK_I], dtype=ACC)   # W_n tile, in registers only
+        w = tl.zeros([BLOCK_O, BLOCK_I], dtype=ACC)  # W_n tile, in registers only
         bn = tl.zeros([BLOCK_O], dtype=ACC)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             row = (n * T + t).to(tl.int64)
-            g = tl.load(gy_ptr + row[:, None] * O + o[None, :], mask=(t[:, None] < T) & (o[None, :] < O),
-                        other=0.0).to(ACC)                               # [BLOCK_T, BLOCK_O]
-            x = tl.load(x_ptr + row[:, None] * I + i[None, :], mask=(t[:, None] < T) & (i[None, :] < I),
-                        other=0.0).to(ACC)                               # [BLOCK_T, BLOCK_I]
+            g = tl.load(gy_ptr + row[:, None] * O + o[None, :], mask=(t[:, None] < T) & (o[None, :] < O), other=0.0).to(
+                ACC
+            )  # [BLOCK_T, BLOCK_O]
+            x = tl.load(x_ptr + row[:, None] * I + i[None, :], mask=(t[:, None] < T) & (i[None, :] < I), other=0.0).to(
+                ACC
+            )  # [BLOCK_T, BLOCK_I]
             w = tl.dot(tl.trans(g), x, w, input_precision="ieee")
             bn += tl.sum(g, axis=0)
         s1 += w
@@ -110,8 +144,7 @@ def balancing_factors(x: torch.Tensor, gy: torch.Tensor, acc: torch.dtype) -> tu
 
 
 @triton_op("modfuse_triton::linear_moments", mutates_args=())
-def linear_moments(x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
+def linear_moments(x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, (T,) I], gy [N, (T,) O] -> (S1 [O, I], S2 [O, I], B1 [O], B2 [O]) in the accumulation dtype."""
     x, gy = x.contiguous(), gy.contiguous()
     acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
@@ -124,9 +157,11 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, tor
     grid = (triton.cdiv(O, BLOCK_O), triton.cdiv(I, BLOCK_I))
     if x.dim() == 2:
         fg, fx = balancing_factors(x, gy, acc)
-        wrap_triton(_moments_t1_kernel)[grid](x, gy, fg, fx, S1, S2, B1, B2, N, I, O, BLOCK_O=BLOCK_O,
-                                              BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N, ACC=ACC)
+        wrap_triton(_moments_t1_kernel)[grid](
+            x, gy, fg, fx, S1, S2, B1, B2, N, I, O, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N, ACC=ACC
+        )
     else:
-        wrap_triton(_moments_seq_kernel)[grid](x, gy, S1, S2, B1, B2, N, x.shape[1], I, O, BLOCK_O=BLOCK_O,
-                                               BLOCK_I=BLOCK_I, BLOCK_T=BLOCK_T, ACC=ACC)
+        wrap_triton(_moments_seq_kernel)[grid](
+            x, gy, S1, S2, B1, B2, N, x.shape[1], I, O, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_T=BLOCK_T, ACC=ACC
+        )
     return S1, S2, B1, B2

@@ -3,6 +3,7 @@
 Segments are cut into pieces of at most PIECE elements (as the CUDA kernel does), one program per (piece, row)
 sums x^2 over its piece; a second kernel adds each segment's pieces in piece order (deterministic, no atomics).
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,10 @@ def piece_tensors(offsets: torch.Tensor, device) -> tuple[torch.Tensor, torch.Te
     """The piece table of host offsets as int64 tensors on `device` (made outside the op: torch.compile traces
     the op with fake tensors, whose values cannot be read)."""
     bounds, first = pieces(offsets)
-    return (torch.tensor(bounds, dtype=torch.int64, device=device),
-            torch.tensor(first, dtype=torch.int64, device=device))
+    return (
+        torch.tensor(bounds, dtype=torch.int64, device=device),
+        torch.tensor(first, dtype=torch.int64, device=device),
+    )
 
 
 @triton_op("modfuse_triton::segment_sq_norms", mutates_args=())
