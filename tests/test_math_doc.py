@@ -15,17 +15,7 @@ from modfuse import methods, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH = ROOT / "docs" / "math.md"
-OPS = [
-    "segment_sq_norms",
-    "moments",
-    "moments_accumulate_",
-    "linear_moments",
-    "calibrated_aggregate",
-    "calibrated_aggregate_samples",
-    "gram",
-    "weighted_sum",
-    "segment_scale_",
-]
+OPS = ops.OPS  # the one list of op names (modfuse/ops.py): a new op needs its section here
 
 
 def _slug(heading: str) -> str:
