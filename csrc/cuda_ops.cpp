@@ -194,10 +194,9 @@ at::Tensor weighted_sum_cuda(const at::Tensor& X, const at::Tensor& w) {
 }
 
 void segment_scale_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_std) {
+                        const std::optional<at::Tensor>& noise_std, int64_t seed, int64_t offset) {
   guard_cuda(x, "x", "segment_scale_");
   TORCH_CHECK(x.dim() == 1, "segment_scale_: x must be [D]");
-  TORCH_CHECK(noise.has_value() == noise_std.has_value(), "segment_scale_: noise and noise_std go together");
   const c10::cuda::CUDAGuard device(x.device());
   const int64_t D = x.size(0);
   const Pieces pc = pieces_for(offsets, D, x, "segment_scale_");
@@ -205,16 +204,29 @@ void segment_scale_cuda(const at::Tensor& x, const at::Tensor& offsets, const at
   const auto acc = acc_of(x.scalar_type());
   guard_cuda(scale, "scale", "segment_scale_");
   TORCH_CHECK(scale.scalar_type() == acc && scale.numel() == P, "segment_scale_: scale must be [P] in the accumulation dtype");
-  if (noise) {
-    guard_cuda(*noise, "noise", "segment_scale_");
+  if (noise_std) {
     guard_cuda(*noise_std, "noise_std", "segment_scale_");
-    TORCH_CHECK(noise->scalar_type() == acc && noise->numel() == D && noise_std->scalar_type() == acc &&
-                    noise_std->numel() == P,
-                "segment_scale_: noise [D] and noise_std [P] must be in the accumulation dtype");
+    TORCH_CHECK(noise_std->scalar_type() == acc && noise_std->numel() == P,
+                "segment_scale_: noise_std must be [P] in the accumulation dtype");
   }
   check(segment_scale(x.data_ptr(), dtype_code(x.scalar_type(), "segment_scale_"), pc.table.const_data_ptr<int64_t>(),
-                      pc.count, scale.const_data_ptr(), noise ? noise->const_data_ptr() : nullptr,
-                      noise ? noise_std->const_data_ptr() : nullptr, stream_of(x)));
+                      pc.count, scale.const_data_ptr(), noise_std ? noise_std->const_data_ptr() : nullptr,
+                      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), stream_of(x)));
+}
+
+at::Tensor segment_moments_cuda(const at::Tensor& x, const at::Tensor& offsets) {
+  guard_cuda(x, "x", "segment_moments");
+  TORCH_CHECK(x.dim() == 2, "segment_moments: x must be [R, D]");
+  const c10::cuda::CUDAGuard device(x.device());
+  const int64_t R = x.size(0), D = x.size(1);
+  const Pieces pc = pieces_for(offsets, D, x, "segment_moments");
+  const int64_t P = pc.first.size(0) - 1;
+  at::Tensor out = at::empty({R, P, 2}, x.options().dtype(at::kDouble));
+  at::Tensor workspace = at::empty({std::max<int64_t>(2 * R * pc.count, 1)}, out.options());
+  check(segment_moments(x.const_data_ptr(), dtype_code(x.scalar_type(), "segment_moments"), R, D,
+                        pc.table.const_data_ptr<int64_t>(), pc.count, pc.first.const_data_ptr<int64_t>(), P,
+                        out.data_ptr(), workspace.data_ptr(), stream_of(x)));
+  return out;
 }
 
 }  // namespace modfuse::cuda

@@ -42,10 +42,14 @@ void gram(const T* X, int64_t R, int64_t D, T* out);
 // Op 6: out[D] = sum_r w_r X_r; w has R values (w_per_element = false) or R * D values (true).
 template <typename T, typename W>
 void weighted_sum(const T* X, const W* w, bool w_per_element, int64_t R, int64_t D, T* out);
-// x[d] = x[d] * scale[p] + noise[d] * noise_std[p] in segment p; noise/noise_std may be nullptr.
+// x[d] = x[d] * scale[p] + z_d * noise_std[p] in segment p, z_d = philox::normal(seed, offset + d)
+// (csrc/philox_normal.h); noise_std may be nullptr (no noise).
 template <typename T>
 void segment_scale(T* x, int64_t D, const int64_t* offsets, int64_t P, const acc_t<T>* scale,
-                   const acc_t<T>* noise, const acc_t<T>* noise_std);
+                   const acc_t<T>* noise_std, uint64_t seed, uint64_t offset);
+// Op 7: out[(r * P + p) * 2 + {0, 1}] = sum of x[r, d] and of x[r, d]^2 over segment p, in float64.
+template <typename T>
+void segment_moments(const T* x, int64_t R, int64_t D, const int64_t* offsets, int64_t P, double* out);
 
 }  // namespace cpu
 }  // namespace modfuse

@@ -16,8 +16,11 @@ TORCH_LIBRARY(modfuse, m) {
         "bool return_uncertainty=False) -> (Tensor, Tensor, Tensor)");
   m.def("gram(Tensor X) -> Tensor");
   m.def("weighted_sum(Tensor X, Tensor w) -> Tensor");
-  m.def("segment_scale_(Tensor(a!) x, Tensor offsets, Tensor scale, Tensor? noise=None, "
-        "Tensor? noise_std=None) -> ()");
+  // noise: element d draws philox::normal(seed, offset + d) (csrc/philox_normal.h); seed and offset are the
+  // unsigned 64-bit values' bits
+  m.def("segment_scale_(Tensor(a!) x, Tensor offsets, Tensor scale, Tensor? noise_std=None, int seed=0, "
+        "int offset=0) -> ()");
+  m.def("segment_moments(Tensor x, Tensor offsets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modfuse, CPU, m) {
@@ -31,6 +34,7 @@ TORCH_LIBRARY_IMPL(modfuse, CPU, m) {
   m.impl("gram", &gram_cpu);
   m.impl("weighted_sum", &weighted_sum_cpu);
   m.impl("segment_scale_", &segment_scale_cpu);
+  m.impl("segment_moments", &segment_moments_cpu);
 }
 
 #ifdef MODFUSE_WITH_CUDA
@@ -48,5 +52,6 @@ TORCH_LIBRARY_IMPL(modfuse, CUDA, m) {
   m.impl("gram", &gram_cuda);
   m.impl("weighted_sum", &weighted_sum_cuda);
   m.impl("segment_scale_", &segment_scale_cuda);
+  m.impl("segment_moments", &segment_moments_cuda);
 }
 #endif

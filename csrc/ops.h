@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cpu(
 at::Tensor gram_cpu(const at::Tensor& X);
 at::Tensor weighted_sum_cpu(const at::Tensor& X, const at::Tensor& w);
 void segment_scale_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& scale,
-                       const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_std);
+                       const std::optional<at::Tensor>& noise_std, int64_t seed, int64_t offset);
+at::Tensor segment_moments_cpu(const at::Tensor& x, const at::Tensor& offsets);
 }  // namespace modfuse::cpu
 
 #ifdef MODFUSE_WITH_CUDA
@@ -41,6 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cuda
 at::Tensor gram_cuda(const at::Tensor& X);
 at::Tensor weighted_sum_cuda(const at::Tensor& X, const at::Tensor& w);
 void segment_scale_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_std);
+                        const std::optional<at::Tensor>& noise_std, int64_t seed, int64_t offset);
+at::Tensor segment_moments_cuda(const at::Tensor& x, const at::Tensor& offsets);
 }  // namespace modfuse::cuda
 #endif

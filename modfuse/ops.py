@@ -1,4 +1,4 @@
-"""Public functional ops of modfuse (docs/math.md, Ops 1-6).
+"""Public functional ops of modfuse (docs/math.md, Ops 1-7).
 
 Each function validates its arguments (modfuse/_checks.py), then runs on one backend:
 
@@ -54,6 +54,7 @@ OPS = (
     "gram",
     "weighted_sum",
     "segment_scale_",
+    "segment_moments",
 )
 _warned: set[str] = set()
 
@@ -79,10 +80,11 @@ KERNELS = {
     **{(op, "cpu"): _compiled(op) for op in OPS},
     **{(op, "cuda"): _compiled(op) for op in OPS},
     **{(op, "reference"): getattr(reference, op) for op in OPS},
-    # the reference takes offsets on the data's device, and noise after noise_std
+    # the reference takes offsets on the data's device, and seed/offset as the unsigned values the schema's bits hold
     ("segment_sq_norms", "reference"): lambda x, off: reference.segment_sq_norms(x, off.to(x.device)),
-    ("segment_scale_", "reference"): lambda x, off, scale, noise, noise_std: reference.segment_scale_(
-        x, off.to(x.device), scale, noise_std, noise=noise
+    ("segment_moments", "reference"): lambda x, off: reference.segment_moments(x, off.to(x.device)),
+    ("segment_scale_", "reference"): lambda x, off, scale, noise_std, seed, offset: reference.segment_scale_(
+        x, off.to(x.device), scale, noise_std, seed % 2**64, offset % 2**64
     ),
     ("segment_sq_norms", "triton"): _triton_segment_sq_norms,
     ("linear_moments", "triton"): _triton("linear_moments"),
@@ -431,7 +433,15 @@ def weighted_sum(
 
 
 def segment_scale_(
-    x: torch.Tensor, offsets, scale, *, noise_std=None, generator: torch.Generator | None = None, backend: str = "auto"
+    x: torch.Tensor,
+    offsets,
+    scale,
+    *,
+    noise_std=None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Scale every segment of x in place: x[seg p] *= scale[p]; with noise_std also add N(0, noise_std[p]^2).
 
@@ -439,8 +449,13 @@ def segment_scale_(
         x: contiguous [D] buffer (for example a flat gradient bank of one encoder), written in place.
         offsets: int64 [P + 1] segment boundaries (see segment_sq_norms).
         scale: [P] per-segment factors (tensor or numbers).
-        noise_std: optional [P] standard deviations (>= 0). The noise is one draw torch.randn(D) in the
-            accumulation dtype from `generator` (default generator if None), so a seeded generator reproduces it.
+        noise_std: optional [P] standard deviations (>= 0). The noise is drawn inside the kernel from a
+            counter-based stream (docs/math.md, Op 6): element d gets the standard normal number offset + d of the
+            stream `seed`, in the accumulation dtype, the same bits on every backend and device.
+        seed, offset: ints in [0, 2^64): the stream and the counter of x[0]. A shard of a larger buffer that starts
+            at element `start` passes offset + start and draws exactly its own part of the whole buffer's noise.
+        generator: when `seed` is None, (seed, offset) come from it (default generator if None), advancing it so
+            the next call draws new noise and a seeded generator reproduces the sequence (see _stream_from).
     Returns:
         x.
     """
@@ -450,16 +465,70 @@ def segment_scale_(
     P = off.numel() - 1
     acc = _acc(x.dtype)
     scale = _per_segment("scale", scale, P, x.device, acc)
-    noise = None
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed= (with offset=) or generator=, not both")
+    for name, value in (("seed", seed), ("offset", offset)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64):
+            raise ValueError(f"{name} must be an int in [0, 2**64), got {value!r}")
     if noise_std is not None:
         noise_std = _per_segment("noise_std", noise_std, P, x.device, acc)
         if bool((noise_std < 0).any()):
             raise ValueError("noise_std must be >= 0 for every segment")
         if generator is not None and generator.device != x.device:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
-        noise = torch.randn(x.shape[0], generator=generator, dtype=acc, device=x.device)
-    _run("segment_scale_", backend, x.device, x, off, scale, noise, noise_std)
+        if seed is None:
+            seed, offset = _stream_from(generator, x.device, x.shape[0], offset)
+    seed = seed or 0
+    # the schema's int is signed 64-bit: pass the unsigned values' bits
+    _run("segment_scale_", backend, x.device, x, off, scale, noise_std, _as_int64(seed), _as_int64(offset))
     return x
+
+
+# XORed into a CUDA generator's seed so that this stream's keys differ from those of torch's own Philox draws.
+_STREAM_TAG = int.from_bytes(b"modfuse", "little")
+
+
+def _stream_from(generator: torch.Generator | None, device: torch.device, D: int, offset: int) -> tuple[int, int]:
+    """(seed, offset) for one segment_scale_ call from a torch.Generator, without a GPU->host sync.
+
+    A CPU generator (Mersenne Twister, no counter) gives one 63-bit seed per call: a tiny draw that advances it
+    reproducibly. A CUDA generator is itself Philox with a host-side (seed, offset): its seed (tagged) keys our
+    stream, its offset is the counter of x[0], and it is advanced past the D counters used, as a torch random op
+    of D values would advance it; both are host integers, so nothing waits for the GPU."""
+    if device.type == "cuda":
+        g = generator if generator is not None else torch.cuda.default_generators[device.index or 0]
+        start = g.get_offset()
+        g.set_offset(start + (D + 3) // 4 * 4)
+        return g.initial_seed() ^ _STREAM_TAG, (start + offset) % 2**64
+    g = generator if generator is not None else torch.default_generator
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=g, device=g.device, dtype=torch.int64))
+    return seed, offset
+
+
+def _as_int64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+# Op 7 ---------------------------------------------------------------------------------------------------------
+def segment_moments(x: torch.Tensor, offsets, *, check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Sum and sum of squares of every segment of every row, accumulated in float64, in one pass.
+
+    Args:
+        x: [R, D] or [D] (any of the four dtypes; non-contiguous input is copied first).
+        offsets: int64 [P + 1] segment boundaries (see segment_sq_norms); an empty segment gives (0, 0).
+    Returns:
+        float64 [R, P, 2] (or [P, 2] for 1-D x): out[..., p, 0] = sum of x over segment p, out[..., p, 1] = sum
+        of x^2. With n = the segment's length, var = (out[1] - out[0]^2 / n) / (n - 1) is its unbiased variance
+        (OGM-GE's per-tensor std) without a float64 copy of x.
+    """
+    check.tensor("x", x, dims=(1, 2))
+    flat = x.dim() == 1
+    x2 = x.reshape(1, -1) if flat else x
+    off = check.offsets(offsets, x2.shape[1])
+    if check_finite:
+        check.finite_per_modality("x", x2)
+    out = _run("segment_moments", backend, x.device, x2.contiguous(), off)
+    return out[0] if flat else out
 
 
 def _per_segment(name: str, values, P: int, device, dtype) -> torch.Tensor:
@@ -523,5 +592,9 @@ if _C is not None:
         return X.new_empty(X.shape[1])
 
     @torch.library.register_fake("modfuse::segment_scale_")
-    def _segment_scale_fake(x, offsets, scale, noise=None, noise_std=None):
+    def _segment_scale_fake(x, offsets, scale, noise_std=None, seed=0, offset=0):
         return None
+
+    @torch.library.register_fake("modfuse::segment_moments")
+    def _segment_moments_fake(x, offsets):
+        return x.new_empty(x.shape[0], offsets.shape[0] - 1, 2, dtype=torch.float64)

@@ -8,6 +8,9 @@ public entry points in modfuse.ops validate before they dispatch to any backend,
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 __all__ = [
@@ -23,6 +26,9 @@ __all__ = [
     "gram",
     "weighted_sum",
     "segment_scale_",
+    "segment_moments",
+    "philox4x32_10",
+    "normal_noise",
 ]
 
 
@@ -155,18 +161,118 @@ def weighted_sum(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w * X.to(acc)).sum(0).to(X.dtype)
 
 
-def segment_scale_(x, offsets, scale, noise_std=None, generator=None, noise=None):
-    """x[d] <- x[d] * scale[p] (+ noise[d] * noise_std[p]) for d in segment p, in place; returns x.
+def segment_scale_(x, offsets, scale, noise_std=None, seed=0, offset=0):
+    """x[d] <- x[d] * scale[p] (+ z_d * noise_std[p]) for d in segment p, in place; returns x.
 
-    The noise is one standard-normal draw of shape [D] in the accumulation dtype from `generator`
-    (`torch.randn(D, generator=generator)`), so every backend that draws it the same way agrees exactly.
-    Pass `noise` to reuse a draw.
+    z_d = normal_noise(D, seed, offset)[d]: the counter-based stream of docs/math.md (Op 6), the kernels' bits.
     """
     acc = accumulation_dtype(x.dtype)
     seg = _segment_ids(offsets, x.numel(), x.device)
     y = x.to(acc) * scale.to(acc)[seg]
     if noise_std is not None:
-        if noise is None:
-            noise = torch.randn(x.numel(), generator=generator, dtype=acc, device=x.device)
-        y = y + noise.to(acc) * noise_std.to(acc)[seg]
+        noise = normal_noise(x.numel(), seed, offset, acc).to(x.device)
+        y = y + noise * noise_std.to(acc)[seg]
     return x.copy_(y)
+
+
+# Op 6's noise stream (csrc/philox_normal.h, line by line) ---------------------------------------------------------
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key) -> np.ndarray:
+    """Philox4x32-10 (Random123's philox4x32, R = 10) of counters [N, 4] under keys [N, 2] (uint32 words, any
+    array-like), as uint32 [N, 4]. uint32 products are formed in uint64, where they cannot overflow."""
+    c = [np.asarray(counter, dtype=np.uint64).reshape(-1, 4)[:, i].copy() for i in range(4)]
+    k = np.asarray(key, dtype=np.uint64).reshape(-1, 2)
+    k0, k1 = k[:, 0].copy(), k[:, 1].copy()
+    m0, m1 = np.uint64(_PHILOX_M[0]), np.uint64(_PHILOX_M[1])
+    for _ in range(10):
+        p0, p1 = m0 * c[0], m1 * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _U32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _U32]
+        k0 = (k0 + np.uint64(_PHILOX_W[0])) & _U32
+        k1 = (k1 + np.uint64(_PHILOX_W[1])) & _U32
+    return np.stack(c, 1).astype(np.uint32)
+
+
+def _horner(w, coefs, dtype):
+    p = torch.tensor(coefs[-1], dtype=dtype)
+    for c in reversed(coefs[:-1]):
+        p = p * w + torch.tensor(c, dtype=dtype)
+    return p
+
+
+def _series(kind: str, n: int) -> list[float]:
+    """The double coefficients of csrc/philox_normal.h (log_coef, sin_coef, cos_coef), computed the same way."""
+    out = []
+    for k in range(n):
+        if kind == "log":
+            out.append(1.0 / (2 * k + 3))
+            continue
+        f = 1.0
+        for i in range(2, 2 * k + (2 if kind == "sin" else 1)):
+            f *= i
+        out.append((-1.0 if k % 2 else 1.0) / f)
+    return out
+
+
+def normal_noise(D: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The standard normals z_d, d < D, of docs/math.md Op 6 in `dtype` (float32 or float64), on the CPU: Philox4x32-10
+    with key = seed and counter = offset + d (mod 2^64), then Box-Muller with the kernels' own log and cos series,
+    every operation separately rounded in `dtype` as in csrc/philox_normal.h."""
+    wide = dtype == torch.float64
+    bits = 53 if wide else 24
+    d = np.arange(D, dtype=np.uint64) + np.uint64(offset % 2**64)  # wraps mod 2^64, as the kernels' counters
+    seed = seed % 2**64
+    words = philox4x32_10(
+        np.stack([d & _U32, d >> np.uint64(32), np.zeros_like(d), np.zeros_like(d)], 1),
+        np.broadcast_to(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64), (D, 2)),
+    ).astype(np.uint64)
+    if wide:  # two 53-bit integers from the four words
+        k1 = ((words[:, 0] << np.uint64(21)) | (words[:, 1] >> np.uint64(11))) + np.uint64(1)
+        k2 = (words[:, 2] << np.uint64(21)) | (words[:, 3] >> np.uint64(11))
+    else:  # two 24-bit integers from the first two
+        k1 = (words[:, 0] >> np.uint64(8)) + np.uint64(1)
+        k2 = words[:, 1] >> np.uint64(8)
+    k1, k2 = torch.from_numpy(k1.astype(np.int64)), torch.from_numpy(k2.astype(np.int64))
+
+    def const(v):
+        return torch.tensor(v, dtype=dtype)
+
+    # radius sqrt(-2 ln u1), u1 = k1 2^-bits = m 2^e
+    u1 = k1.to(dtype) * const(1.0 / 2**bits)
+    m, e = torch.frexp(u1)
+    low = m < const(math.sqrt(0.5))
+    m, e = torch.where(low, m * const(2.0), m), torch.where(low, e - 1, e)
+    f = m - const(1.0)
+    s = f / (const(2.0) + f)
+    z = s * s
+    log_terms = 9 if wide else 4
+    ln_m = const(2.0) * s + const(2.0) * s * z * _horner(z, _series("log", log_terms), dtype)
+    ln_u1 = e.to(dtype) * const(math.log(2.0)) + ln_m
+    # numpy's sqrt: correctly rounded as IEEE and the kernels' sqrt are (torch's float32 CPU sqrt is not, by an ulp)
+    radius = torch.from_numpy(np.sqrt((const(-2.0) * ln_u1).numpy()))
+    # angle 2 pi u2 = q pi/2 + theta, |theta| <= pi/4
+    quarter = 1 << (bits - 2)
+    q = (k2 + quarter // 2) >> (bits - 2)
+    theta = (k2 - (q << (bits - 2))).to(dtype) * const(math.pi / 2 ** (bits - 1))
+    t2 = theta * theta
+    sin_t = theta * _horner(t2, _series("sin", 9 if wide else 5), dtype)
+    cos_t = _horner(t2, _series("cos", 10 if wide else 6), dtype)
+    odd, high = (q & 1).bool(), (q & 2).bool()
+    trig = torch.where(odd, torch.where(high, sin_t, -sin_t), torch.where(high, -cos_t, cos_t))
+    return radius * trig
+
+
+# Op 7 ---------------------------------------------------------------------------------------------------------
+def segment_moments(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """out[r, p] = (sum_{d in segment p} x[r, d], sum x[r, d]^2) in float64 for every input dtype: [R, P, 2]."""
+    R, D = x.shape
+    P = offsets.numel() - 1
+    v = x.to(torch.float64)
+    out = torch.zeros(R, P, 2, dtype=torch.float64, device=x.device)
+    seg = _segment_ids(offsets, D, x.device)
+    out[:, :, 0].index_add_(1, seg, v)
+    out[:, :, 1].index_add_(1, seg, v.square())
+    return out

@@ -46,11 +46,13 @@ def test_ogm_ge_scales_and_perturbs_like_the_official_code(ge):
     assert min(k.values()) < 1 == max(k.values())  # one modality modulated, the other not
     b = balancer_for(net, "ogm_ge", ge=ge, seed=7)
     assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"), logits=uni, target=y)
-    generator = torch.Generator().manual_seed(7)
+    stream = 0  # the noise stream's counter: the encoders' banks in order (docs/math.md, ogm_ge)
     for m in DIMS:
         prefix = f"enc.{m}."
         names = [n for n, _ in net.named_parameters() if n.startswith(prefix)]
-        noise = torch.randn(sum(plain[n].numel() for n in names), generator=generator, dtype=torch.float64)
+        size = sum(plain[n].numel() for n in names)
+        noise = modfuse.reference.normal_noise(size, seed=7, offset=stream, dtype=torch.float64)
+        stream += size
         start = 0
         for n in names:
             g = plain[n]
@@ -63,6 +65,31 @@ def test_ogm_ge_scales_and_perturbs_like_the_official_code(ge):
     assert b.stats() == pytest.approx({f"{m}/coefficient": k[m] for m in DIMS})
     for n in ("head.weight", "fuse.bias"):  # not encoder parameters: plain
         close(dict(net.named_parameters())[n].grad, plain[n])
+
+
+def test_ogm_ge_noise_is_reproducible_from_seed_and_state():
+    """Two steps: the noise differs between steps, a fresh Balancer with the same seed repeats it, and restoring
+    the method state after step 1 repeats step 2; the std used is the official one (the noise divided back out)."""
+    net, xs, y = setup()
+
+    def step(b):
+        net.zero_grad()
+        fused, uni = net(xs)
+        assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"), logits=uni, target=y)
+        return [p.grad.clone() for p in net.enc.parameters()]
+
+    b = balancer_for(net, "ogm_ge", seed=3)
+    first, second = step(b), step(b)
+    assert not all(torch.equal(u, v) for u, v in zip(first, second))
+    again = balancer_for(net, "ogm_ge", seed=3)
+    assert all(torch.equal(u, v) for u, v in zip(first, step(again)))
+    state = again.method.state_dict()
+    assert state == {"seed": 3, "offset": sum(p.numel() for p in net.enc.parameters())}
+    restored = balancer_for(net, "ogm_ge", seed=99)
+    restored.method.load_state_dict(state)
+    assert all(torch.equal(u, v) for u, v in zip(second, step(restored)))
+    with pytest.raises(TypeError, match="'offset'"):
+        restored.method.load_state_dict({"seed": 3})
 
 
 def test_ogm_ge_modulation_forms():

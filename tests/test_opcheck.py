@@ -38,9 +38,11 @@ CASES = {
         rand(33, dtype=dt),
         torch.tensor([0, 10, 33]),
         torch.tensor([0.5, 2.0]),
-        rand(33),
         torch.tensor([0.1, 0.2]),
+        2**63 + 5 - 2**64,  # a seed past 2^63, as its int64 bits
+        123,
     ),
+    "segment_moments": lambda dt: (rand(3, 17, dtype=dt), torch.tensor([0, 5, 5, 17])),
 }
 
 

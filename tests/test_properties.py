@@ -372,3 +372,32 @@ def test_segment_scale_agrees_exactly(setting, D, noise, data):
         x.clone(), off, factors, noise_std=std, generator=torch.Generator().manual_seed(seed), backend="reference"
     )
     assert torch.equal(mine.isnan(), ref.isnan()) and torch.equal(mine.nan_to_num(), ref.nan_to_num())
+
+
+@given(settings_for(), st.sampled_from(SIZES), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.data())
+def test_segment_scale_noise_at_any_seed_and_offset(setting, D, seed, offset, data):
+    """Explicit (seed, offset) anywhere in [0, 2^64), counters wrapping included: the reference's bits."""
+    dtype, _, scale, bad = setting
+    x = plant(randn(D, seed % 2**31, scale, dtype), bad, seed)
+    off = offsets_for(data.draw, D)
+    P = len(off) - 1
+    std = [scale * (p + 1) / P for p in range(P)]
+    mine = mf.segment_scale_(x.clone(), off, [0.3] * P, noise_std=std, seed=seed, offset=offset)
+    ref = mf.segment_scale_(x.clone(), off, [0.3] * P, noise_std=std, seed=seed, offset=offset, backend="reference")
+    assert torch.equal(mine.isnan(), ref.isnan()) and torch.equal(mine.nan_to_num(), ref.nan_to_num())
+
+
+# Op 7 -----------------------------------------------------------------------------------------------------------
+@given(settings_for(), st.sampled_from([1, 2, 5]), st.sampled_from([0] + SIZES), LAYOUTS, st.data())
+def test_segment_moments(setting, R, D, layout, data):
+    dtype, seed, scale, bad = setting
+    x = plant(randn((R, D), seed, scale, dtype) + scale * 0.5, bad, seed)
+    off = offsets_for(data.draw, D)
+    out = mf.segment_moments(strided(x, layout), off)
+    expected = reference.segment_moments(x.double(), torch.tensor(off))
+    magnitude = reference.segment_moments(x.double().abs().nan_to_num(0, 0, 0), torch.tensor(off))[..., 0]
+    assert out.dtype == torch.float64 and out.shape == (R, len(off) - 1, 2)
+    # float64 accumulation for every dtype: the sum to 1e-12 of its segment's sum of |x|, the squares to 1e-12
+    for p in range(len(off) - 1):
+        check(out[:, p, 0], expected[:, p, 0], torch.float64, rtol=1e-12, scale=magnitude[:, p].max().item())
+        check(out[:, p, 1], expected[:, p, 1], torch.float64, rtol=1e-12)

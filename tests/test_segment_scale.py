@@ -89,3 +89,119 @@ def test_noise_with_scales_that_are_not_powers_of_two_agrees_exactly(dtype, gen,
     assert torch.equal(y, z)
     y = mf.segment_scale_(x.clone(), offsets, scale, backend=target.backend)
     assert torch.equal(y, mf.segment_scale_(x.clone(), offsets, scale, backend="reference"))
+
+
+# The counter-based noise stream (docs/math.md, Op 6) ---------------------------------------------------------------
+KAT = [  # Random123's kat_vectors, philox4x32 R = 10: counter (4 words), key (2 words) -> output (4 words)
+    ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+    ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+    (
+        [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+        [0xA4093822, 0x299F31D0],
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+    ),
+]
+
+
+def test_reference_philox_matches_the_published_known_answers():
+    out = reference.philox4x32_10([c for c, _, _ in KAT], [k for _, k, _ in KAT])
+    assert out.tolist() == [e for _, _, e in KAT]
+
+
+def exact_box_muller(D, seed, offset, wide):
+    """Box-Muller from the same Philox words with numpy's float64 log/cos/sqrt: the stream's ideal values."""
+    import numpy as np
+
+    d = np.arange(D, dtype=np.uint64) + np.uint64(offset)
+    zero = np.zeros_like(d)
+    w = reference.philox4x32_10(
+        np.stack([d & np.uint64(0xFFFFFFFF), d >> np.uint64(32), zero, zero], 1),
+        np.broadcast_to(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64), (D, 2)),
+    ).astype(np.uint64)
+    if wide:
+        k1 = ((w[:, 0] << np.uint64(21)) | (w[:, 1] >> np.uint64(11))) + np.uint64(1)
+        k2 = (w[:, 2] << np.uint64(21)) | (w[:, 3] >> np.uint64(11))
+        u1, u2 = k1.astype(np.float64) * 2.0**-53, k2.astype(np.float64) * 2.0**-53
+    else:
+        u1 = ((w[:, 0] >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0**-24
+        u2 = (w[:, 1] >> np.uint64(8)).astype(np.float64) * 2.0**-24
+    return torch.from_numpy(np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_stream_series_are_accurate(dtype):
+    """The kernels' own log and cos series against libm: within 16 ulps of the accumulation dtype."""
+    seed, offset = 0x1234_5678_9ABC_DEF0, 2**64 - 5000  # the counter wraps through 2^64 inside the range
+    z = reference.normal_noise(10_000, seed, offset, dtype).double()
+    exact = exact_box_muller(10_000, seed, offset, dtype == torch.float64)
+    eps = torch.finfo(dtype).eps
+    # measured: float32 at most 1.5 ulps, float64 at most 9 (the log near u1 = 1 and the series add up)
+    assert ((z - exact).abs() <= 16 * eps * exact.abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kernel_draws_the_reference_stream_bit_for_bit(dtype, gen, target):
+    """x = 0, scale 1, std 1: the result is the stream itself (rounded to x's dtype), at any seed and offset."""
+    target.skip_unless("segment_scale_")
+    D, offsets = 70_001, [0, 3, 3, 40_000, 70_001]
+    for seed, offset in [(0, 0), (7, 123_456_789), (2**64 - 1, 2**64 - 10)]:
+        x = target(torch.zeros(D, dtype=dtype))
+        mf.segment_scale_(x, offsets, [1.0] * 4, noise_std=[1.0] * 4, seed=seed, offset=offset, backend=target.backend)
+        z = reference.normal_noise(D, seed, offset, reference.accumulation_dtype(dtype)).to(dtype)
+        assert torch.equal(x.cpu(), z)
+
+
+def test_a_shard_draws_exactly_its_own_elements(gen, target):
+    """FSDP2: the slice [a, b) of a buffer with offset + a gets the whole buffer's noise for those elements."""
+    target.skip_unless("segment_scale_")
+    D, seed, offset = 50_000, 99, 1_000
+    x = target(torch.randn(D, generator=gen))
+    whole = mf.segment_scale_(x.clone(), [0, D], [0.7], noise_std=[0.3], seed=seed, offset=offset)
+    for a, b in [(0, 1), (17, 4099), (33_333, 50_000)]:
+        part = mf.segment_scale_(x[a:b].clone(), [0, b - a], [0.7], noise_std=[0.3], seed=seed, offset=offset + a)
+        assert torch.equal(part, whole[a:b])
+
+
+def test_stream_statistics():
+    """1e6 draws per dtype: mean 0, variance 1, kurtosis 3, no correlation between neighbouring counters, and
+    different seeds and offsets give uncorrelated streams."""
+    for acc in (torch.float32, torch.float64):
+        x = torch.zeros(1_000_000, dtype=acc)
+        z = mf.segment_scale_(x, [0, x.numel()], [1.0], noise_std=[1.0], seed=2026, offset=0).double()
+        n = z.numel()
+        assert abs(z.mean().item()) < 5 / n**0.5
+        assert abs(z.var().item() - 1) < 5 * (2 / n) ** 0.5
+        assert abs((z**4).mean().item() - 3) < 5 * (96 / n) ** 0.5
+        for lag in (1, 2, 4):
+            assert abs(torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()) < 5 / n**0.5
+        other = torch.zeros(n, dtype=acc)
+        other = mf.segment_scale_(other, [0, n], [1.0], noise_std=[1.0], seed=2027, offset=0).double()
+        assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < 5 / n**0.5
+        # the normal CDF at a few points
+        for t, p in [(-2.0, 0.02275), (-1.0, 0.15866), (0.0, 0.5), (1.0, 0.84134), (2.5, 0.99379)]:
+            assert abs((z <= t).double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+
+
+def test_generator_draws_are_reproducible_and_advance():
+    x = torch.zeros(1000)
+    g = torch.Generator().manual_seed(5)
+    first = mf.segment_scale_(x.clone(), [0, 1000], [1.0], noise_std=[1.0], generator=g)
+    second = mf.segment_scale_(x.clone(), [0, 1000], [1.0], noise_std=[1.0], generator=g)
+    assert not torch.equal(first, second)
+    g.manual_seed(5)
+    assert torch.equal(mf.segment_scale_(x.clone(), [0, 1000], [1.0], noise_std=[1.0], generator=g), first)
+    # no noise_std: nothing drawn, the generator does not move
+    state = g.get_state()
+    mf.segment_scale_(x.clone(), [0, 1000], [1.0], generator=g)
+    assert torch.equal(g.get_state(), state)
+
+
+def test_seed_and_offset_arguments_are_checked():
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="either seed= .* or generator="):
+        mf.segment_scale_(x, [0, 4], [1.0], noise_std=[1.0], seed=1, generator=torch.Generator())
+    for bad in (-1, 2**64, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an int in"):
+            mf.segment_scale_(x, [0, 4], [1.0], noise_std=[1.0], seed=bad)
+        with pytest.raises(ValueError, match="offset must be an int in"):
+            mf.segment_scale_(x, [0, 4], [1.0], noise_std=[1.0], seed=0, offset=bad)

@@ -49,9 +49,14 @@ int gram(const void* X, DType t, int64_t R, int64_t D, void* out, void* workspac
 // Op 6: out [D] in t = sum_r w_r X_r; w is [R] (acc, per_element = false) or [R, D] (t, per_element = true).
 int weighted_sum(const void* X, const void* w, bool per_element, DType t, int64_t R, int64_t D, void* out,
                  void* stream);
-// x [D] in t, in place: x = x * scale[p] (+ noise[d] * noise_std[p]) over the pieces above; scale,
-// noise_std [P] and noise [D] in acc; noise and noise_std may both be nullptr.
-int segment_scale(void* x, DType t, const int64_t* pieces, int64_t W, const void* scale, const void* noise,
-                  const void* noise_std, void* stream);
+// x [D] in t, in place: x = x * scale[p] (+ philox::normal(seed, offset + d) * noise_std[p]) over the pieces
+// above; scale and noise_std [P] in acc; noise_std may be nullptr (no noise).
+int segment_scale(void* x, DType t, const int64_t* pieces, int64_t W, const void* scale, const void* noise_std,
+                  uint64_t seed, uint64_t offset, void* stream);
+
+// Op 7: out [R, P, 2] float64 = per-segment sum and sum of squares of x [R, D] (accumulated in float64), over the
+// pieces and first above; workspace holds 2 * R * W doubles.
+int segment_moments(const void* x, DType t, int64_t R, int64_t D, const int64_t* pieces, int64_t W,
+                    const int64_t* first, int64_t P, void* out, void* workspace, void* stream);
 
 }  // namespace modfuse::cuda

@@ -17,8 +17,12 @@ Active for start_epoch <= epoch <= end_epoch (official: 0 and 50). alpha has no 
 (0.8 for CREMA-D, 0.1 for VGGSound); 0.8 here.
 
 The training objective is the fused loss (plus the unimodal losses, if passed). Fused ops: the encoder's
-gradients sit in one flat bank (see Groups.backward_into_banks); Op 1 gives every tensor's sum of squares in one
-launch and Op 6 (segment_scale_) scales and adds the noise to all of them in one more.
+gradients sit in one flat bank (see Groups.backward_into_banks); Op 7 (segment_moments) gives every tensor's sum
+and sum of squares, accumulated in float64, in one launch, and Op 6 (segment_scale_) scales every tensor and adds
+its noise, drawn inside the kernel, in one more. The noise is the counter-based stream of docs/math.md (Op 6) keyed
+by `seed`: element e of the step's encoder banks (all encoders' layouts in order) gets the stream's value
+offset + e, and `offset` advances by the banks' size every active step, so a run is reproducible from `seed`, the
+same on every rank and device, and an FSDP2 rank draws exactly the elements of its own shards.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import math
 import torch
 
 from modfuse import _checks as check
-from modfuse import ops, reference
+from modfuse import ops
 from modfuse.groups import NonFiniteGradient
 from modfuse.methods import Method, reduce_encoder_banks, register
 from modfuse.methods.utilization import true_class_probability
@@ -101,8 +105,9 @@ class OGMGE(Method):
             raise ValueError(f"end_epoch ({end_epoch}) must be >= start_epoch ({start_epoch})")
         self.ge, self.continuous, self.modulate = ge, continuous, modulate
         self.window = (start_epoch, end_epoch)  # modulation is active for epochs in [start, end]
-        device = groups.trainable[0].device
-        self.generator = torch.Generator(device).manual_seed(seed)  # same seed on every rank: same noise
+        self.seed = seed  # the noise stream's key: the same on every rank, so the same noise
+        self.offset = 0  # the stream's counter of the next step's first encoder element
+        self._masks = {}
         self._k = None
 
     def backward(self, step, total):
@@ -126,22 +131,28 @@ class OGMGE(Method):
             return
         k = modulation(scores.double(), self.alpha, self.continuous)
         self._k = k
+        offset = self.offset
         for u, m in enumerate(groups.modalities):
             for layout, buf in banks[m]:
                 grad = buf[0]
-                mask = torch.tensor([self.modulate == "all" or p.dim() >= 2 for p in layout.params], device=grad.device)
+                mask = self._mask(layout, grad.device)
                 scale = torch.where(mask, k[u].to(grad.device), torch.ones((), dtype=k.dtype, device=grad.device))
                 noise_std = self._noise_std(grad, layout, mask) if self.ge else None
                 if noise_std is not None and not bool(torch.isfinite(noise_std).all()):
                     raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
-                ops.segment_scale_(grad, layout.offsets, scale, noise_std=noise_std, generator=self.generator)
+                ops.segment_scale_(grad, layout.offsets, scale, noise_std=noise_std, seed=self.seed, offset=offset)
+                offset += layout.numel
+        if self.ge:
+            self.offset = offset
 
     def _fsdp_backward(self, total, scores):
         """FSDP2: one plain backward through FSDP2's reduce-scatter, then every rank modulates its own shards.
 
-        The whole-tensor statistics the noise needs (each tensor's sum and sum of squares) are shard-local partial
-        sums, all-reduced with the scores in one tiny collective; every rank draws the encoder's whole noise
-        vector (the same generator state everywhere, as one process draws it) and adds its own elements' part."""
+        The whole-tensor statistics the noise needs (each tensor's sum and sum of squares, Op 7 on the local shard)
+        are shard-local partial sums, all-reduced with the scores in one tiny collective; every rank then scales
+        its shards and draws their noise in the kernel at the counters the unsharded bank would give them (the
+        tensor's start in the layout plus the shard's start), so the result is the one-process result and no rank
+        allocates a full-size noise vector."""
         groups = self.groups
         groups.backward(total, groups.trainable)
         if scores is None:
@@ -151,25 +162,19 @@ class OGMGE(Method):
         params = [p for _, _, layout in layouts for p in layout.params]
         local = [p.grad.to_local() if p.grad is not None else None for p in params]
         partial = [
-            torch.zeros(2, dtype=torch.float64)
-            if g is None
-            else torch.stack([g.double().sum(), g.double().square().sum()]).cpu()
+            torch.zeros(1, 2, dtype=torch.float64)
+            if g is None or g.numel() == 0
+            else ops.segment_moments(g.reshape(-1), [0, g.numel()]).cpu()
             for g in local
         ]
-        packed = torch.cat([scores.double().cpu(), *partial]) if partial else scores.double().cpu()
+        packed = torch.cat([scores.double().cpu(), *(t.view(-1) for t in partial)])
         groups.all_reduce_(summed=[packed])
         M = len(groups.modalities)
         k = modulation(packed[:M], self.alpha, self.continuous)
         self._k = k
         sums = packed[M:].view(-1, 2)
-        i = 0
+        i, offset = 0, self.offset
         for u, m, layout in layouts:
-            acc = reference.accumulation_dtype(layout.dtype)
-            noise = (
-                torch.randn(layout.numel, generator=self.generator, dtype=acc, device=layout.device)
-                if self.ge
-                else None
-            )
             for p, (a, _) in zip(layout.params, layout._bounds):
                 g, (total_sum, sq) = local[i], sums[i].tolist()
                 i += 1
@@ -181,25 +186,44 @@ class OGMGE(Method):
                     std = std**0.5 + 1e-8
                     if not math.isfinite(std):
                         raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
-                if g is None:
+                if g is None or g.numel() == 0:
                     continue
                 start, count = groups.shard_range(p)
-                with torch.no_grad():
-                    y = g.to(acc) * (float(k[u]) if modulated else 1.0)
-                    if noise is not None:
-                        y = y + noise[a + start : a + start + count].view_as(y) * std
-                    g.copy_(y)
+                flat = g.view(-1) if g.is_contiguous() else g.contiguous().view(-1)
+                ops.segment_scale_(
+                    flat,
+                    [0, count],
+                    [float(k[u]) if modulated else 1.0],
+                    noise_std=[std] if self.ge else None,
+                    seed=self.seed,
+                    offset=offset + a + start,
+                )
+                if flat.data_ptr() != g.data_ptr():
+                    g.copy_(flat.view_as(g))
+            offset += layout.numel
+        if self.ge:
+            self.offset = offset
+
+    def _mask(self, layout, device):
+        """Which tensors of the layout are modulated, as a bool [P] on `device` (built once per layout)."""
+        key = (id(layout), device)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.tensor([self.modulate == "all" or p.dim() >= 2 for p in layout.params], device=device)
+            self._masks[key] = mask
+        return mask
 
     @staticmethod
     def _noise_std(grad, layout, mask):
-        """Per-tensor std of the unscaled gradient (unbiased, as torch.std) + 1e-8; 0 where not modulated."""
-        lengths = (layout.offsets[1:] - layout.offsets[:-1]).to(grad.device)
-        sq = ops.segment_sq_norms(grad, layout.offsets).double()
-        sums = torch.segment_reduce(grad.double(), "sum", lengths=lengths)
-        n = lengths.double()
-        var = torch.clamp(sq - sums.square() / n, min=0) / torch.clamp(n - 1, min=1)
+        """Per-tensor std of the unscaled gradient (unbiased, as torch.std) + 1e-8; 0 where not modulated.
+
+        Sums and sums of squares come from one Op 7 launch, accumulated in float64 (no float64 copy of the bank)."""
+        moments = ops.segment_moments(grad, layout.offsets)
+        n = (layout.offsets[1:] - layout.offsets[:-1]).to(device=grad.device, dtype=torch.float64)
+        sums, sq = moments[:, 0], moments[:, 1]
+        var = torch.clamp(sq - sums.square() / n.clamp(min=1), min=0) / torch.clamp(n - 1, min=1)
         std = var.sqrt() + 1e-8
-        return torch.where(mask & (lengths > 1), std, torch.zeros_like(std))
+        return torch.where(mask & (n > 1), std, torch.zeros_like(std))
 
     def stats(self):
         if self._k is None:
@@ -207,10 +231,13 @@ class OGMGE(Method):
         return {f"{m}/coefficient": float(v) for m, v in zip(self.groups.modalities, self._k.tolist())}
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        return {"seed": self.seed, "offset": self.offset}
 
     def load_state_dict(self, state):
-        generator = state.get("generator") if isinstance(state, dict) else None
-        if not isinstance(generator, torch.Tensor):
-            raise TypeError("the ogm_ge state needs its 'generator' state tensor")
-        self.generator.set_state(generator)
+        values = [state.get(name) if isinstance(state, dict) else None for name in ("seed", "offset")]
+        for name, value in zip(("seed", "offset"), values):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+                raise TypeError(
+                    f"the ogm_ge state needs its noise stream's {name!r} (an int in [0, 2**64)), got {value!r}"
+                )
+        self.seed, self.offset = values
