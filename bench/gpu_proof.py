@@ -38,6 +38,7 @@ OP_TESTS = [
     "tests/test_gram.py",
     "tests/test_weighted_sum.py",
     "tests/test_segment_scale.py",
+    "tests/test_segment_moments.py",
 ]
 # Registration check: run after the build in a fresh interpreter, so it sees the extension just built.
 CHECK_REGISTRATION = """
