@@ -12,6 +12,7 @@ from modfuse.ops import (
     moments_accumulate_,
     segment_scale_,
     segment_sq_norms,
+    tensor_sq_norms,
     weighted_sum,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "reference",
     "segment_scale_",
     "segment_sq_norms",
+    "tensor_sq_norms",
     "weighted_sum",
 ]
