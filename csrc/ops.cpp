@@ -9,7 +9,8 @@ TORCH_LIBRARY(modfuse, m) {
   m.def("tensor_sq_norms(Tensor[] tensors) -> Tensor");
   m.def("moments(Tensor G) -> (Tensor, Tensor)");
   m.def("moments_accumulate_(Tensor(a!) S1, Tensor(b!) S2, Tensor g) -> ()");
-  // s1: the caller's weight gradient of the summed loss (= S1); given, only S2 is computed (one GEMM, not two).
+  // s1: the caller's weight gradient of the summed loss (= S1); given, S1 is not formed (one GEMM, not two) and
+  // the op returns an empty S1 (modfuse.ops.linear_moments returns s1 in its place).
   m.def("linear_moments(Tensor x, Tensor gy, Tensor? s1=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Returns (out, stats, uncertainty); uncertainty is empty unless return_uncertainty.
   m.def("calibrated_aggregate(Tensor S1, Tensor S2, Tensor n, float kappa=1.0, float? eps=None, "

@@ -272,9 +272,9 @@ def linear_moments(
         bias: also return the bias moments sum_n b_n and sum_n b_n^2 with b_n = sum_t gy[n, t].
         s1: optional [O, I] weight gradient of the SUM of the per-sample losses (for example the layer's
             `.grad` after an ordinary backward of a sum-reduced loss), any float dtype: it is returned as S1
-            (converted to the accumulation dtype, so it is only as precise as the caller's gradient) and only S2
-            is computed, one GEMM instead of two for T = 1 (the CPU and CUDA composition; the Triton kernel
-            skips its S1 product).
+            (itself when it has the accumulation dtype, else converted: only as precise as the caller's
+            gradient) and only S2 is formed, one GEMM instead of two for T = 1 (the Triton kernel skips its S1
+            product).
     Returns:
         (S1, S2) each [O, I] (plus (B1, B2) each [O] with bias=True), float32 (float64 when x and gy are).
         The T > 1 path keeps O(O * I) memory: it never stores the N per-sample gradients.
@@ -290,6 +290,8 @@ def linear_moments(
         check.shape("s1", s1, (gy.shape[-1], x.shape[-1]), "[O, I] (the weight gradient)")
         check.same_device("x", x, s1=s1)
     result = _run("linear_moments", backend, x.device, x, gy, s1)
+    if s1 is not None:  # the kernels leave S1 empty: it is the caller's weight gradient
+        result = (s1.to(result[1].dtype), *result[1:])
     return tuple(result) if bias else tuple(result[:2])
 
 
@@ -532,7 +534,7 @@ if _C is not None:
         acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
         O, I = gy.shape[-1], x.shape[-1]
         return (
-            x.new_empty(O, I, dtype=acc),
+            x.new_empty((O, I) if s1 is None else (0,), dtype=acc),
             x.new_empty(O, I, dtype=acc),
             x.new_empty(O, dtype=acc),
             x.new_empty(O, dtype=acc),

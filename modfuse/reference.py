@@ -78,8 +78,8 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor, s1: torch.Tensor | None = 
     """Per-sample gradient moments of an nn.Linear weight and bias, built the obvious way.
 
     W_n = sum_t gy[n, t]^T x[n, t]; returns (sum_n W_n, sum_n W_n^2, sum_n b_n, sum_n b_n^2) with
-    b_n = sum_t gy[n, t]; with s1 (the caller's weight gradient of the summed loss) the first is s1 in the
-    accumulation dtype. This oracle materialises every W_n (O(N*O*I) memory): fine for tests, never for use.
+    b_n = sum_t gy[n, t]; with s1 (the caller's weight gradient of the summed loss) the first is empty, as from
+    the kernels (modfuse.ops returns s1 in its place). This oracle materialises every W_n (O(N*O*I) memory): fine for tests, never for use.
     W_n^2 overflows only where the per-sample gradient itself exceeds sqrt(max) of the accumulation dtype
     (~1.8e19 for float32); the kernels' T = 1 form (gy^2)^T (x^2) is balanced per sample to match that range.
     """
@@ -89,7 +89,7 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor, s1: torch.Tensor | None = 
     x, gy = x.to(acc), gy.to(acc)
     W = torch.einsum("nto,nti->noi", gy, x)
     b = gy.sum(1)
-    S1 = W.sum(0) if s1 is None else s1.to(acc, copy=True)  # s1: the caller's weight gradient, taken as S1
+    S1 = W.sum(0) if s1 is None else x.new_empty(0)  # s1 given: the caller has S1 (as from the kernels)
     return S1, W.square().sum(0), b.sum(0), b.square().sum(0)
 
 

@@ -7,8 +7,8 @@ Each program owns a [BLOCK_O, BLOCK_I] tile of S1 = sum_n W_n and S2 = sum_n W_n
   x^2 overflow only where the reference's W_n^2 does.
 - T > 1: for every sample n the program forms its W_n tile in registers (tl.dot over T in BLOCK_T steps) and
   adds W_n and W_n^2 to its accumulators, so memory stays O(O * I): per-sample gradients are never stored.
-With s1 given (the caller's weight gradient of the summed loss) S1 is that gradient and the kernels neither form
-nor store it (HAS_S1): the T = 1 kernel runs one tl.dot per step instead of two.
+With s1 given (the caller's weight gradient of the summed loss) the kernels neither form nor store S1 (HAS_S1: the
+T = 1 kernel runs one tl.dot per step instead of two) and S1 comes back empty, as from the compiled op.
 Programs of the first I-tile column also accumulate the bias moments sum_n b_n and sum_n b_n^2, b_n = sum_t gy[n, t].
 Products run in the accumulation dtype (float64 when x and gy are float64, else float32) at full precision
 (no TF32), because S2 squares small gradients.
@@ -154,15 +154,13 @@ def balancing_factors(x: torch.Tensor, gy: torch.Tensor, acc: torch.dtype) -> tu
 def linear_moments(
     x: torch.Tensor, gy: torch.Tensor, s1: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [N, (T,) I], gy [N, (T,) O], optional s1 [O, I] -> (S1 [O, I], S2 [O, I], B1 [O], B2 [O]) in the
-    accumulation dtype."""
+    """x [N, (T,) I], gy [N, (T,) O], optional s1 [O, I] -> (S1 [O, I] (empty when s1 is given), S2 [O, I],
+    B1 [O], B2 [O]) in the accumulation dtype."""
     x, gy = x.contiguous(), gy.contiguous()
     acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
     N, I, O = x.shape[0], x.shape[-1], gy.shape[-1]
     has_s1 = s1 is not None
-    S1 = torch.empty(O, I, dtype=acc, device=x.device)
-    if has_s1:
-        S1.copy_(s1)
+    S1 = torch.empty(0 if has_s1 else (O, I), dtype=acc, device=x.device)
     S2 = torch.empty(O, I, dtype=acc, device=x.device)
     B1 = torch.empty(O, dtype=acc, device=x.device)
     B2 = torch.empty(O, dtype=acc, device=x.device)
