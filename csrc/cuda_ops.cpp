@@ -82,6 +82,36 @@ at::Tensor segment_sq_norms_cuda(const at::Tensor& x, const at::Tensor& offsets)
   return out;
 }
 
+at::Tensor tensor_sq_norms_cuda(c10::ArrayRef<at::Tensor> tensors) {
+  const cpu::DenseList list = cpu::dense_list(tensors, "tensor_sq_norms");
+  TORCH_CHECK(tensors[0].is_cuda(), "tensor_sq_norms: CUDA tensors expected");
+  const c10::cuda::CUDAGuard device(tensors[0].device());
+  const int64_t P = static_cast<int64_t>(tensors.size());
+  const auto t = tensors[0].scalar_type();
+  const int64_t elem = static_cast<int64_t>(tensors[0].element_size());
+  // the device table of pieces: (address, length), each tensor cut into kPieceChunk-element pieces
+  std::vector<int64_t> table, first(P + 1, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    const auto base = reinterpret_cast<uintptr_t>(list.data[p]);
+    for (int64_t b = 0; b < list.lengths[p]; b += kPieceChunk)
+      table.insert(table.end(), {static_cast<int64_t>(base + static_cast<uintptr_t>(b * elem)),
+                                 std::min(kPieceChunk, list.lengths[p] - b)});
+    first[p + 1] = static_cast<int64_t>(table.size() / 2);
+  }
+  const int64_t W = static_cast<int64_t>(table.size() / 2);
+  if (W == 0) table = {0, 0};  // a list of empty tensors: no pieces, but from_blob needs memory to point at
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  const at::Tensor dev_table =
+      at::from_blob(table.data(), {static_cast<int64_t>(table.size())}, opts).to(tensors[0].device());
+  const at::Tensor dev_first = at::from_blob(first.data(), {P + 1}, opts).to(tensors[0].device());
+  at::Tensor out = at::empty({P}, tensors[0].options().dtype(acc_of(t)));
+  at::Tensor workspace = at::empty({std::max<int64_t>(W, 1)}, out.options());
+  check(tensor_sq_norms(dev_table.const_data_ptr<int64_t>(), W, dev_first.const_data_ptr<int64_t>(), P,
+                        dtype_code(t, "tensor_sq_norms"), out.data_ptr(), workspace.data_ptr(),
+                        stream_of(tensors[0])));
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& G) {
   guard_cuda(G, "G", "moments");
   TORCH_CHECK(G.dim() == 3, "moments: G must be [M, K, D]");

@@ -20,6 +20,10 @@ namespace cpu {
 template <typename T>
 void segment_sq_norms(const T* x, int64_t R, int64_t D, const int64_t* offsets, int64_t P, acc_t<T>* out);
 
+// Op 1b: out[p] = sum of data[p][0, lengths[p])^2, for P tensors where they are.
+template <typename T>
+void tensor_sq_norms(const T* const* data, const int64_t* lengths, int64_t P, acc_t<T>* out);
+
 // Op 2: S1 = sum_k G[:, k, :], S2 = sum_k G[:, k, :]^2 (banks in acc_t<T>); the accumulate form adds g[M, D].
 template <typename T>
 void moments(const T* G, int64_t M, int64_t K, int64_t D, acc_t<T>* S1, acc_t<T>* S2);

@@ -6,9 +6,12 @@
 
 TORCH_LIBRARY(modfuse, m) {
   m.def("segment_sq_norms(Tensor x, Tensor offsets) -> Tensor");
+  m.def("tensor_sq_norms(Tensor[] tensors) -> Tensor");
   m.def("moments(Tensor G) -> (Tensor, Tensor)");
   m.def("moments_accumulate_(Tensor(a!) S1, Tensor(b!) S2, Tensor g) -> ()");
-  m.def("linear_moments(Tensor x, Tensor gy) -> (Tensor, Tensor, Tensor, Tensor)");
+  // s1: the caller's weight gradient of the summed loss (= S1); given, S1 is not formed (one GEMM, not two) and
+  // the op returns an empty S1 (modfuse.ops.linear_moments returns s1 in its place).
+  m.def("linear_moments(Tensor x, Tensor gy, Tensor? s1=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // Returns (out, stats, uncertainty); uncertainty is empty unless return_uncertainty.
   m.def("calibrated_aggregate(Tensor S1, Tensor S2, Tensor n, float kappa=1.0, float? eps=None, "
         "float evidence_max=1e6, bool return_uncertainty=False) -> (Tensor, Tensor, Tensor)");
@@ -26,6 +29,7 @@ TORCH_LIBRARY(modfuse, m) {
 TORCH_LIBRARY_IMPL(modfuse, CPU, m) {
   using namespace modfuse::cpu;
   m.impl("segment_sq_norms", &segment_sq_norms_cpu);
+  m.impl("tensor_sq_norms", &tensor_sq_norms_cpu);
   m.impl("moments", &moments_cpu);
   m.impl("moments_accumulate_", &moments_accumulate_cpu);
   m.impl("linear_moments", &linear_moments_cpu);
@@ -44,6 +48,7 @@ TORCH_LIBRARY_IMPL(modfuse, CPU, m) {
 TORCH_LIBRARY_IMPL(modfuse, CUDA, m) {
   using namespace modfuse::cuda;
   m.impl("segment_sq_norms", &segment_sq_norms_cuda);
+  m.impl("tensor_sq_norms", &tensor_sq_norms_cuda);
   m.impl("moments", &moments_cuda);
   m.impl("moments_accumulate_", &moments_accumulate_cuda);
   m.impl("linear_moments", &modfuse::cpu::linear_moments_cpu);

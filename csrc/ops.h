@@ -7,10 +7,12 @@
 
 namespace modfuse::cpu {
 at::Tensor segment_sq_norms_cpu(const at::Tensor& x, const at::Tensor& offsets);
+at::Tensor tensor_sq_norms_cpu(c10::ArrayRef<at::Tensor> tensors);
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& G);
 void moments_accumulate_cpu(const at::Tensor& S1, const at::Tensor& S2, const at::Tensor& g);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_moments_cpu(const at::Tensor& x,
-                                                                              const at::Tensor& gy);
+                                                                              const at::Tensor& gy,
+                                                                              const std::optional<at::Tensor>& s1);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cpu(const at::Tensor& S1, const at::Tensor& S2,
                                                                         const at::Tensor& n, double kappa,
                                                                         std::optional<double> eps,
@@ -29,6 +31,7 @@ at::Tensor segment_moments_cpu(const at::Tensor& x, const at::Tensor& offsets);
 #ifdef MODFUSE_WITH_CUDA
 namespace modfuse::cuda {
 at::Tensor segment_sq_norms_cuda(const at::Tensor& x, const at::Tensor& offsets);
+at::Tensor tensor_sq_norms_cuda(c10::ArrayRef<at::Tensor> tensors);
 std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& G);
 void moments_accumulate_cuda(const at::Tensor& S1, const at::Tensor& S2, const at::Tensor& g);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cuda(const at::Tensor& S1, const at::Tensor& S2,

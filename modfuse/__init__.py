@@ -13,6 +13,7 @@ from modfuse.ops import (
     segment_moments,
     segment_scale_,
     segment_sq_norms,
+    tensor_sq_norms,
     weighted_sum,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "segment_moments",
     "segment_scale_",
     "segment_sq_norms",
+    "tensor_sq_norms",
     "weighted_sum",
 ]

@@ -34,6 +34,27 @@ def tensor(name: str, t, *, dims: Sequence[int] | int, dtypes=FLOAT_DTYPES) -> t
     return t
 
 
+def tensor_list(name: str, tensors) -> list[torch.Tensor]:
+    """A non-empty list or tuple of float tensors of any shapes, all of the first one's dtype and device."""
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of torch.Tensor, got {type(tensors).__name__}")
+    if not tensors:
+        raise ValueError(f"{name} must hold at least one tensor, got an empty {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        tensor(f"{name}[{i}]", t, dims=range(0, 65))
+        first = tensors[0]
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name}[{i}] has dtype {str(t.dtype).removeprefix('torch.')} but {name}[0] has "
+                f"{str(first.dtype).removeprefix('torch.')}: one call takes one dtype (call once per dtype)"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}: one call takes one device"
+            )
+    return list(tensors)
+
+
 def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.device != reference.device:

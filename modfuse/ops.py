@@ -46,6 +46,7 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 # Every op, by the name it has in every layer: torch.ops.modfuse.<op>, modfuse.reference.<op>, modfuse.ops.<op>.
 OPS = (
     "segment_sq_norms",
+    "tensor_sq_norms",
     "moments",
     "moments_accumulate_",
     "linear_moments",
@@ -201,6 +202,29 @@ def segment_sq_norms(x: torch.Tensor, offsets, *, check_finite: bool = False, ba
     return out[0] if flat else out
 
 
+# Op 1b --------------------------------------------------------------------------------------------------------
+def tensor_sq_norms(tensors, *, check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Squared L2 norm of every tensor of a list, read where the tensors are, in one launch (Op 1b).
+
+    The list form of segment_sq_norms, as torch._foreach_norm and apex's multi_tensor_apply take lists: the
+    gradients or parameters of a model need no gather into one flat buffer first.
+
+    Args:
+        tensors: a non-empty list or tuple of tensors of any shapes (0-d and empty ones too), all of one float
+            dtype and one device (call once per dtype for a mixed list). Dense tensors are read in place in any
+            dimension order (contiguous, transposed, channels_last: a sum of squares ignores the order); a tensor
+            with gaps (a slice, an expanded view) is first copied to contiguous memory inside the op.
+    Returns:
+        [P] with P = len(tensors), float32 (float64 for float64 tensors): out[p] = sum of tensors[p]^2.
+    """
+    tensors = check.tensor_list("tensors", tensors)
+    if check_finite:
+        for i, t in enumerate(tensors):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensors[{i}] has NaN or Inf values; check_finite=True rejects non-finite gradients")
+    return _run("tensor_sq_norms", backend, tensors[0].device, tensors)
+
+
 # Op 2 ---------------------------------------------------------------------------------------------------------
 def moments(G: torch.Tensor, *, check_finite: bool = False, backend: str = "auto"):
     """Per-modality gradient moments of K samples: S1 = sum_k G[:, k], S2 = sum_k G[:, k]^2.
@@ -235,7 +259,9 @@ def moments_accumulate_(S1: torch.Tensor, S2: torch.Tensor, g: torch.Tensor, *, 
 
 
 # Op 3 ---------------------------------------------------------------------------------------------------------
-def linear_moments(x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, backend: str = "auto"):
+def linear_moments(
+    x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, s1: torch.Tensor | None = None, backend: str = "auto"
+):
     """Per-sample gradient moments of an nn.Linear weight, without per-sample gradients.
 
     With W_n = sum_t gy[n, t]^T x[n, t] the weight gradient of sample n: S1 = sum_n W_n and S2 = sum_n W_n^2.
@@ -246,6 +272,11 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, bac
         x: the layer input, [N, I] or [N, T, I] (T: sequence positions sharing the weight).
         gy: the gradient of the layer output, [N, O] or [N, T, O].
         bias: also return the bias moments sum_n b_n and sum_n b_n^2 with b_n = sum_t gy[n, t].
+        s1: optional [O, I] weight gradient of the SUM of the per-sample losses (for example the layer's
+            `.grad` after an ordinary backward of a sum-reduced loss), any float dtype: it is returned as S1
+            (itself when it has the accumulation dtype, else converted: only as precise as the caller's
+            gradient) and only S2 is formed, one GEMM instead of two for T = 1 (the Triton kernel skips its S1
+            product).
     Returns:
         (S1, S2) each [O, I] (plus (B1, B2) each [O] with bias=True), float32 (float64 when x and gy are).
         The T > 1 path keeps O(O * I) memory: it never stores the N per-sample gradients.
@@ -256,7 +287,13 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor, *, bias: bool = False, bac
     if gy.shape[:-1] != x.shape[:-1]:
         lead = "[N]" if x.dim() == 2 else "[N, T]"
         raise ValueError(f"gy must match x in its leading dims {lead}: x is {tuple(x.shape)}, gy is {tuple(gy.shape)}")
-    result = _run("linear_moments", backend, x.device, x, gy)
+    if s1 is not None:
+        check.tensor("s1", s1, dims=2)
+        check.shape("s1", s1, (gy.shape[-1], x.shape[-1]), "[O, I] (the weight gradient)")
+        check.same_device("x", x, s1=s1)
+    result = _run("linear_moments", backend, x.device, x, gy, s1)
+    if s1 is not None:  # the kernels leave S1 empty: it is the caller's weight gradient
+        result = (s1.to(result[1].dtype), *result[1:])
     return tuple(result) if bias else tuple(result[:2])
 
 
@@ -548,6 +585,10 @@ if _C is not None:
     def _segment_sq_norms_fake(x, offsets):
         return x.new_empty(x.shape[0], offsets.shape[0] - 1, dtype=_acc(x.dtype))
 
+    @torch.library.register_fake("modfuse::tensor_sq_norms")
+    def _tensor_sq_norms_fake(tensors):
+        return tensors[0].new_empty(len(tensors), dtype=_acc(tensors[0].dtype))
+
     @torch.library.register_fake("modfuse::moments")
     def _moments_fake(G):
         M, _, D = G.shape
@@ -558,11 +599,11 @@ if _C is not None:
         return None
 
     @torch.library.register_fake("modfuse::linear_moments")
-    def _linear_moments_fake(x, gy):
+    def _linear_moments_fake(x, gy, s1=None):
         acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
         O, I = gy.shape[-1], x.shape[-1]
         return (
-            x.new_empty(O, I, dtype=acc),
+            x.new_empty((O, I) if s1 is None else (0,), dtype=acc),
             x.new_empty(O, I, dtype=acc),
             x.new_empty(O, dtype=acc),
             x.new_empty(O, dtype=acc),

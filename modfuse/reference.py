@@ -17,6 +17,7 @@ __all__ = [
     "accumulation_dtype",
     "default_eps",
     "segment_sq_norms",
+    "tensor_sq_norms",
     "moments",
     "moments_accumulate_",
     "linear_moments",
@@ -58,6 +59,12 @@ def segment_sq_norms(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return out.index_add_(1, _segment_ids(offsets, D, x.device), sq)
 
 
+def tensor_sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """out[p] = sum of tensors[p]^2 over all its elements, in the accumulation dtype; an empty tensor gives 0."""
+    acc = accumulation_dtype(tensors[0].dtype)
+    return torch.stack([t.to(acc).square().sum() for t in tensors])
+
+
 # Op 2 ---------------------------------------------------------------------------------------------------------
 def moments(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """S1 = sum_k G[:, k, :], S2 = sum_k G[:, k, :]^2, as float32 (float64) banks."""
@@ -73,11 +80,12 @@ def moments_accumulate_(S1: torch.Tensor, S2: torch.Tensor, g: torch.Tensor) -> 
 
 
 # Op 3 ---------------------------------------------------------------------------------------------------------
-def linear_moments(x: torch.Tensor, gy: torch.Tensor):
+def linear_moments(x: torch.Tensor, gy: torch.Tensor, s1: torch.Tensor | None = None):
     """Per-sample gradient moments of an nn.Linear weight and bias, built the obvious way.
 
     W_n = sum_t gy[n, t]^T x[n, t]; returns (sum_n W_n, sum_n W_n^2, sum_n b_n, sum_n b_n^2) with
-    b_n = sum_t gy[n, t]. This oracle materialises every W_n (O(N*O*I) memory): fine for tests, never for use.
+    b_n = sum_t gy[n, t]; with s1 (the caller's weight gradient of the summed loss) the first is empty, as from
+    the kernels (modfuse.ops returns s1 in its place). This oracle materialises every W_n (O(N*O*I) memory): fine for tests, never for use.
     W_n^2 overflows only where the per-sample gradient itself exceeds sqrt(max) of the accumulation dtype
     (~1.8e19 for float32); the kernels' T = 1 form (gy^2)^T (x^2) is balanced per sample to match that range.
     """
@@ -87,7 +95,8 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor):
     x, gy = x.to(acc), gy.to(acc)
     W = torch.einsum("nto,nti->noi", gy, x)
     b = gy.sum(1)
-    return W.sum(0), W.square().sum(0), b.sum(0), b.square().sum(0)
+    S1 = W.sum(0) if s1 is None else x.new_empty(0)  # s1 given: the caller has S1 (as from the kernels)
+    return S1, W.square().sum(0), b.sum(0), b.square().sum(0)
 
 
 # Op 4 ---------------------------------------------------------------------------------------------------------

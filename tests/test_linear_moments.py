@@ -75,3 +75,42 @@ def test_squares_overflow_only_where_the_reference_does(gen, target):
     gy = torch.full((3, 2), 1e10)  # W = 1e20: W^2 = 1e40 is inf in float32, in the reference too
     _, S2 = mf.linear_moments(target(x), target(gy), backend=target.backend)
     assert torch.isinf(S2).all() and torch.isinf(reference.linear_moments(x, gy)[1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, None, 1, 1), (9, None, 7, 5), (6, 4, 7, 5)])
+def test_s1_from_the_ordinary_weight_gradient(shape, dtype, gen, target):
+    """Issue 15: s1 = the weight gradient of the summed loss from a plain backward is returned as S1 (itself when it
+    has the accumulation dtype, no copy) and S2 is unchanged: the op forms only S2."""
+    N, T, I, O = shape
+    lead = (N,) if T is None else (N, T)
+    x = torch.randn(*lead, I, generator=gen).to(dtype)
+    gy = torch.randn(*lead, O, generator=gen).to(dtype)
+    layer = torch.nn.Linear(I, O, bias=False).to(dtype)
+    (layer(x) * gy).sum().backward()  # output gradient gy: weight.grad = sum_n W_n in x's dtype
+    s1 = target(layer.weight.grad)
+    S1, S2, B1, B2 = mf.linear_moments(target(x), target(gy), bias=True, s1=s1, backend=target.backend)
+    assert S1.dtype == S2.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(S1, s1.to(S1.dtype))
+    assert (S1.data_ptr() == s1.data_ptr()) == (s1.dtype == S1.dtype)
+    # the compiled op itself leaves S1 empty (the caller has it)
+    if target.backend != "triton":
+        assert torch.ops.modfuse.linear_moments(target(x), target(gy), s1)[0].numel() == 0
+    r = reference.linear_moments(x.double(), gy.double())
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for got, want in ((S2, r[1]), (B1, r[2]), (B2, r[3])):
+        assert_close(got, want, S2.dtype, rtol=rtol)
+    # and it is the S1 the op would have formed itself, to the weight gradient's own precision
+    assert_close(S1, r[0], dtype)
+
+
+def test_s1_bad_arguments_name_it(gen):
+    x, gy = torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen)
+    with pytest.raises(ValueError, match=r"s1 must have shape \[O, I\] \(the weight gradient\) = \(2, 3\)"):
+        mf.linear_moments(x, gy, s1=torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="s1 must be a torch.Tensor"):
+        mf.linear_moments(x, gy, s1=[[0.0] * 3] * 2)
+    with pytest.raises(TypeError, match="s1 must have dtype"):
+        mf.linear_moments(x, gy, s1=torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="s1 is on meta but x is on cpu"):
+        mf.linear_moments(x, gy, s1=torch.zeros(2, 3, device="meta"))

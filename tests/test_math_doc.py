@@ -42,7 +42,7 @@ def _documented_defaults(text: str) -> dict[str, object]:
     """`name=value` pairs written in a section, values parsed as Python literals; the last one wins (a section
     ends with its options and defaults, after formulas such as "with continuous=True")."""
     found = {}
-    for name, value in re.findall(r"\b([a-z_]+)=([^,)\s`]+)", text):
+    for name, value in re.findall(r"\b([a-z_][a-z_0-9]*)=([^,)\s`]+)", text):
         try:
             found[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -162,6 +162,40 @@ def test_greedy_speeds_and_hold():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def allocated_bytes(fn) -> int:
+    """Bytes of CPU memory that the ops run by fn() allocate (each op's own allocations, freed later or not), by
+    torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+def test_greedy_reads_gradients_and_parameters_where_they_are():
+    """Issue 15: greedy's own work allocates no [2, D] bank and copies no parameter: a greedy step allocates
+    what a plain step (method "none") does plus a few bytes per tensor, far less than one copy of the encoders."""
+    dims = {"a": 300, "b": 200}
+    net = SharedHeadNet(dims, hidden=128)
+    xs, y = batch(dims, N=8)
+    encoder_bytes = sum(p.numel() * p.element_size() for m in dims for p in net.enc[m].parameters())
+
+    def step_bytes(b):
+        def step():
+            net.zero_grad(set_to_none=True)
+            fused, _ = net(xs)
+            assert b.backward(fused=F.cross_entropy(fused, y, reduction="none"))
+
+        step()  # warm-up: lazy state, first-call allocations
+        return allocated_bytes(step)
+
+    plain = step_bytes(balancer_for(net, "none"))
+    greedy = balancer_for(net, "greedy", window_steps=100)
+    extra = step_bytes(greedy) - plain
+    assert greedy.method.window_count == 2  # its speeds were computed in both steps (no hold)
+    assert extra < encoder_bytes / 8, f"greedy allocated {extra} bytes more than a plain step ({encoder_bytes} B)"
+
+
 def test_greedy_authors_schedule_sums_from_the_start_and_checks_every_step_from_start_epoch():
     """window_steps=1, cumulative=True, start_epoch=2, threshold=0.01: no hold in epochs 0 and 1 although the
     speeds differ, then at the first step of epoch 2 the fastest encoder is held, judged on speeds summed over

@@ -19,9 +19,11 @@ def rand(*shape, dtype=torch.float32):
 
 CASES = {
     "segment_sq_norms": lambda dt: (rand(3, 17, dtype=dt), torch.tensor([0, 5, 5, 17])),
+    "tensor_sq_norms": lambda dt: ([rand(3, 17, dtype=dt), rand(1, dtype=dt).reshape(()), rand(4, 5, 2, dtype=dt).transpose(0, 2)],),
     "moments": lambda dt: (rand(3, 4, 17, dtype=dt),),
     "moments_accumulate_": lambda dt: (torch.zeros(3, 17), torch.zeros(3, 17), rand(3, 17, dtype=dt)),
     "linear_moments": lambda dt: (rand(5, 3, 7, dtype=dt), rand(5, 3, 4, dtype=dt)),
+    "linear_moments_s1": lambda dt: (rand(5, 7, dtype=dt), rand(5, 4, dtype=dt), rand(4, 7, dtype=dt)),
     "calibrated_aggregate": lambda dt: (
         rand(3, 17, dtype=dt),
         (rand(3, 17) ** 2 + 1).to(dt),
@@ -47,8 +49,15 @@ CASES = {
 
 
 def on(device, args):
-    """Arguments on `device`, except int64 offsets: the kernels read segment bounds on the host."""
-    return tuple(a.to(device) if isinstance(a, torch.Tensor) and a.dtype != torch.int64 else a for a in args)
+    """Arguments on `device` (lists of tensors too), except int64 offsets: the kernels read segment bounds on the
+    host."""
+
+    def move(a):
+        if isinstance(a, list):
+            return [move(t) for t in a]
+        return a.to(device) if isinstance(a, torch.Tensor) and a.dtype != torch.int64 else a
+
+    return tuple(move(a) for a in args)
 
 
 def triton_args(name, args):
@@ -77,7 +86,7 @@ def test_every_op_has_one_name_and_a_kernel_per_backend():
         for name in torch._C._dispatch_get_all_op_names()
         if name.startswith("modfuse::")
     }
-    assert registered == set(ops.OPS) == set(CASES)
+    assert registered == set(ops.OPS) == {name.removesuffix("_s1") for name in CASES}
     for op in ops.OPS:
         assert {b for (o, b) in ops.KERNELS if o == op} >= {"cpu", "cuda", "reference"}
         assert callable(getattr(ops, op)) and callable(getattr(modfuse, op))
@@ -95,11 +104,11 @@ def test_every_op_has_one_name_and_a_kernel_per_backend():
 def test_opcheck(name, dtype, backend):
     # offsets stay on the host (the kernels read segment bounds there); every other tensor goes to the device
     args = on(backend, CASES[name](dtype))
-    torch.library.opcheck(getattr(torch.ops.modfuse, name).default, args)
+    torch.library.opcheck(getattr(torch.ops.modfuse, name.removesuffix("_s1")).default, args)
 
 
 @pytest.mark.skipif(not triton_here, reason="needs triton and a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("name", sorted(ops.TRITON_OPS))
+@pytest.mark.parametrize("name", sorted(ops.TRITON_OPS) + ["linear_moments_s1"])
 def test_opcheck_triton(name):
     from modfuse import triton as triton_backend
 
@@ -111,7 +120,9 @@ def test_opcheck_triton(name):
     args = triton_args(name, on(device, CASES[name](torch.float32)))
     utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
     torch.library.opcheck(
-        getattr(torch.ops.modfuse_triton, name).default, args, **({} if utils is None else {"test_utils": utils})
+        getattr(torch.ops.modfuse_triton, name.removesuffix("_s1")).default,
+        args,
+        **({} if utils is None else {"test_utils": utils}),
     )
 
 

@@ -108,6 +108,18 @@ def test_segment_sq_norms(setting, R, D, layout, data):
         check(out[:, p], expected[:, p], acc(dtype), rtol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@given(settings_for(), st.lists(st.sampled_from([0] + SIZES), min_size=1, max_size=5), LAYOUTS)
+def test_tensor_sq_norms(setting, sizes, layout):
+    dtype, seed, scale, bad = setting
+    tensors = [randn((2, n), seed + i, scale, dtype) for i, n in enumerate(sizes)]
+    plant(tensors[seed % len(tensors)], bad, seed)
+    out = mf.tensor_sq_norms([strided(t, layout) for t in tensors])
+    expected = reference.tensor_sq_norms([t.double() for t in tensors])
+    assert out.dtype == acc(dtype) and out.shape == (len(sizes),)
+    for p in range(len(sizes)):
+        check(out[p : p + 1], expected[p : p + 1], acc(dtype), rtol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
 # Op 2 -----------------------------------------------------------------------------------------------------------
 @given(settings_for(), st.integers(1, 4), st.integers(1, 6), st.sampled_from([0] + SIZES), LAYOUTS)
 def test_moments(setting, M, K, D, layout):

@@ -132,6 +132,20 @@ def test_linear_moments(shape, dtype, gen):
         assert_close(g, w, acc(dtype), rtol=rtol)
 
 
+@pytest.mark.parametrize("shape", [(9, None, 7, 5), (40, None, 33, 35), (3, 17, 33, 2)])
+def test_linear_moments_with_s1(shape, gen):
+    """s1 given: the kernels skip S1's product and store; S1 is s1 in the accumulation dtype, the rest unchanged."""
+    N, T, I, O = shape
+    lead = (N,) if T is None else (N, T)
+    x, gy = torch.randn(*lead, I, generator=gen), torch.randn(*lead, O, generator=gen)
+    s1 = reference.linear_moments(x.double(), gy.double())[0].half()  # any float dtype
+    got = mf.linear_moments(x, gy, bias=True, s1=s1, backend="triton")
+    want = reference.linear_moments(x.double(), gy.double(), s1)
+    assert torch.equal(got[0], s1.float())
+    for g, w in zip(got[1:], want[1:]):
+        assert_close(g, w, torch.float32, rtol=1e-5)
+
+
 def test_linear_moments_noncontiguous_and_mixed_dtypes(gen):
     x = noncontiguous(torch.randn(6, 3, 8, generator=gen))
     gy = noncontiguous(torch.randn(6, 3, 4, generator=gen))

@@ -182,4 +182,14 @@ inline double lane_sum(const X& tile) {
   return s;
 }
 
+// The tensor-list ops' view of a list (one dtype and device): each tensor's data pointer and element count, where
+// a dense tensor is read in place in whatever dimension order it has and any other tensor through a contiguous
+// copy kept alive in `copies`.
+struct DenseList {
+  std::vector<const void*> data;
+  std::vector<int64_t> lengths;
+  std::vector<at::Tensor> copies;
+};
+DenseList dense_list(c10::ArrayRef<at::Tensor> tensors, const char* op);  // csrc/cpu/tensor_sq_norms.cpp
+
 }  // namespace modfuse::cpu

@@ -4,8 +4,12 @@
 //          power of two (see balanced_squares).
 //   T > 1: S1 = gy^T x over all (n, t); S2 accumulates W_n^2 one sample at a time into one [O, I] buffer, so
 //          memory stays O(O * I) where the per-sample route needs O(N * O * I).
+// With s1 (the caller's weight gradient of the summed loss, which the ordinary backward already computed) the S1
+// GEMM is skipped and S1 comes back empty: the caller has it (modfuse.ops returns s1 as S1). T = 1 then runs one
+// GEMM, not two, and no [O, I] copy.
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace modfuse::cpu {
@@ -32,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor> balanced_squares(const at::Tensor& ga, const 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_moments_cpu(const at::Tensor& x,
-                                                                              const at::Tensor& gy) {
+                                                                              const at::Tensor& gy,
+                                                                              const std::optional<at::Tensor>& s1) {
   TORCH_CHECK((x.dim() == 2 || x.dim() == 3) && gy.dim() == x.dim(), "linear_moments: x and gy must be 2-D or 3-D");
   TORCH_CHECK(x.size(0) == gy.size(0) && (x.dim() == 2 || x.size(1) == gy.size(1)),
               "linear_moments: x and gy must agree on N (and T)");
@@ -40,12 +45,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_moments_cpu(co
   const auto acc = x.scalar_type() == at::kDouble && gy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor xa = x.to(acc), ga = gy.to(acc);
   const int64_t I = x.size(-1), O = gy.size(-1);
+  TORCH_CHECK(!s1 || (s1->dim() == 2 && s1->size(0) == O && s1->size(1) == I && s1->device() == x.device()),
+              "linear_moments: s1 must be [O, I] on x's device");
+  const auto given_s1 = [&] { return at::empty({0}, xa.options()); };
   if (x.dim() == 2) {
     const auto [g2, x2] = balanced_squares(ga, xa);
-    return {ga.t().mm(xa), g2.t().mm(x2), ga.sum(0), ga.square().sum(0)};
+    return {s1 ? given_s1() : ga.t().mm(xa), g2.t().mm(x2), ga.sum(0), ga.square().sum(0)};
   }
   const int64_t N = x.size(0), T = x.size(1);
-  at::Tensor S1 = ga.reshape({N * T, O}).t().mm(xa.reshape({N * T, I}));
+  at::Tensor S1 = s1 ? given_s1() : ga.reshape({N * T, O}).t().mm(xa.reshape({N * T, I}));
   at::Tensor S2 = at::zeros({O, I}, xa.options());
   at::Tensor W = at::empty({O, I}, xa.options());
   for (int64_t n = 0; n < N; ++n) {

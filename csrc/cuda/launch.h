@@ -26,6 +26,12 @@ constexpr int64_t kPieceChunk = 16384;  // elements per piece (64 KB of float32)
 int segment_sq_norms(const void* x, DType t, int64_t R, int64_t D, const int64_t* pieces, int64_t W,
                      const int64_t* first, int64_t P, void* out, void* workspace, void* stream);
 
+// Op 1b: out[P] (acc) = sum of squares of each of P tensors of dtype t, read in place. table [W, 2] on the device:
+// (address, length) of every piece (at most kPieceChunk elements of one tensor, a tensor's pieces consecutive);
+// first[p] is tensor p's first piece (first[P] = W); workspace holds W acc values.
+int tensor_sq_norms(const int64_t* table, int64_t W, const int64_t* first, int64_t P, DType t, void* out,
+                    void* workspace, void* stream);
+
 // Op 2: S1, S2 [M, D] (acc) = sums over k of G[M, K, D] and of its squares.
 int moments(const void* G, DType t, int64_t M, int64_t K, int64_t D, void* S1, void* S2, void* stream);
 // S1 += g, S2 += g^2 over n elements; banks are float32 or float64 (bank), g any dtype t.

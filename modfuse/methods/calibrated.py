@@ -356,6 +356,8 @@ class Calibrated(Method):
                 gy = torch.cat([b for _, b in pairs], dim=1)
                 if x.shape[1] == 1:
                     x, gy = x[:, 0], gy[:, 0]
+                # no s1= here: this route asks autograd for the output gradients only, so no weight gradient exists
+                # to reuse; asking for it too would run the very GEMM that s1= saves (S1 is formed once either way)
                 S1w, S2w, B1, B2 = ops.linear_moments(x, gy, bias=True)
                 weight, bias = self._weights[module]
                 for p, s1, s2 in ((weight, S1w, S2w), (bias, B1, B2)):

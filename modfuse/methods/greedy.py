@@ -25,8 +25,9 @@ What differs from the authors' code, and why:
   here the fastest encoder's gradients are withheld for hold_steps steps (needs no particular architecture);
 - the statistic is the same (speeds matched the authors' to 2e-7 on identical inputs, issue 16), summed over all of an
   encoder's parameters; the authors sum over the layers that feed their MMTM blocks.
-Fused ops: one Op 1 launch per encoder gives the squared norms of every gradient and parameter tensor (the
-gradients sit in row 0 of a flat bank, the parameters are copied into row 1).
+Fused ops: a plain backward (gradients reduced over ranks like every plain-gradient method's), then one Op 1b
+launch (tensor_sq_norms) per encoder gives the squared norms of every gradient and parameter tensor where they are:
+no flat bank, no copy of the parameters (under FSDP2 the same launch reads the local shards).
 """
 
 from __future__ import annotations
@@ -34,7 +35,21 @@ from __future__ import annotations
 import torch
 
 from modfuse import ops
-from modfuse.methods import Method, reduce_encoder_banks, register
+from modfuse.methods import Method, register
+
+
+def sq_norm_sums(grads: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+    """float64 [2]: (sum of every gradient's squared norm, sum of every parameter's), read where the tensors
+    are: one tensor_sq_norms launch per dtype for both lists (one in total for a single-dtype encoder)."""
+    tensors = grads + params
+    is_grad = torch.tensor([True] * len(grads) + [False] * len(params))
+    sums = torch.zeros(2, dtype=torch.float64)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        pick = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        norms = ops.tensor_sq_norms([tensors[i] for i in pick]).double().cpu()
+        mask = is_grad[pick]
+        sums += torch.stack([norms[mask].sum(), norms[~mask].sum()])
+    return sums
 
 
 @register
@@ -80,35 +95,12 @@ class Greedy(Method):
         self._last_d: list[float] | None = None
 
     def backward(self, step, total):
-        if self.groups.fsdp:
-            self._fsdp_backward(step, total)
-            return
-        banks = reduce_encoder_banks(self.groups, total, rows=2)
-        self.epoch = step.epoch
-        self.held_params = set()
-        if self.hold_left > 0:
-            for layout, _ in banks[self.groups.modalities[self.held]]:
-                for p in layout.params:
-                    p.grad = None
-                    self.held_params.add(id(p))
-            self.hold_left -= 1
-            return
-        for u, m in enumerate(self.groups.modalities):
-            sq = torch.zeros(2, dtype=torch.float64, device=self.speeds.device)
-            for layout, buf in banks[m]:
-                torch._foreach_copy_(layout.views(buf[1]), [p.detach() for p in layout.params])
-                # one launch: squared norms of every gradient (row 0) and parameter (row 1) tensor
-                sq += ops.segment_sq_norms(buf, layout.offsets).sum(1).double().to(sq.device)
-            self.speeds[u] += torch.where(sq[1] > 0, sq[0] / sq[1], torch.zeros_like(sq[0]))
-        self.window_count += 1
-        if self.window_steps is not None and self.window_count % self.window_steps == 0:
-            self._end_window()
-
-    def _fsdp_backward(self, step, total):
-        """FSDP2: one plain backward through FSDP2's reduce-scatter; the speeds' squared norms are shard-local
-        partial sums (gradient and parameter shards), all-reduced in one tiny [M, 2] collective."""
         groups = self.groups
+        # a plain backward; gradients are reduced over ranks (DDP / a process group) before their norms, and
+        # FSDP2's backward reduce-scatters them into the local shards
         groups.backward(total, groups.trainable)
+        if not groups.fsdp:
+            groups.reduce_grads_(groups.trainable)
         self.epoch = step.epoch
         self.held_params = set()
         if self.hold_left > 0:
@@ -121,11 +113,10 @@ class Greedy(Method):
         sq = torch.zeros(len(groups.modalities), 2, dtype=torch.float64)
         for u, m in enumerate(groups.modalities):
             params = [p for layout in groups.encoder_layouts[m] for p in layout.params]
-            grads = [p.grad.to_local() for p in params if p.grad is not None]
-            if grads:
-                sq[u, 0] = torch.stack([g.double().square().sum() for g in grads]).sum().cpu()
-            sq[u, 1] = torch.stack([p.detach().to_local().double().square().sum() for p in params]).sum().cpu()
-        groups.all_reduce_(summed=[sq])
+            grads = [_local(p.grad) for p in params if p.grad is not None]
+            sq[u] = sq_norm_sums(grads, [_local(p.detach()) for p in params])
+        if groups.fsdp:
+            groups.all_reduce_(summed=[sq])  # shard-local partial sums: one tiny [M, 2] collective
         sq = sq.to(self.speeds.device)
         self.speeds += torch.where(sq[:, 1] > 0, sq[:, 0] / sq[:, 1], torch.zeros_like(sq[:, 0]))
         self.window_count += 1
@@ -185,3 +176,8 @@ class Greedy(Method):
         self.speeds.copy_(speeds.to(self.speeds.device))
         self.epoch = epoch
         self.window_count, self.held, self.hold_left, self.holds = window_count, held, hold_left, list(holds)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -7,6 +7,8 @@ Each program owns a [BLOCK_O, BLOCK_I] tile of S1 = sum_n W_n and S2 = sum_n W_n
   x^2 overflow only where the reference's W_n^2 does.
 - T > 1: for every sample n the program forms its W_n tile in registers (tl.dot over T in BLOCK_T steps) and
   adds W_n and W_n^2 to its accumulators, so memory stays O(O * I): per-sample gradients are never stored.
+With s1 given (the caller's weight gradient of the summed loss) the kernels neither form nor store S1 (HAS_S1: the
+T = 1 kernel runs one tl.dot per step instead of two) and S1 comes back empty, as from the compiled op.
 Programs of the first I-tile column also accumulate the bias moments sum_n b_n and sum_n b_n^2, b_n = sum_t gy[n, t].
 Products run in the accumulation dtype (float64 when x and gy are float64, else float32) at full precision
 (no TF32), because S2 squares small gradients.
@@ -26,11 +28,13 @@ BLOCK_T = 16
 
 
 @triton.jit
-def _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O):
-    """Write a program's [BLOCK_O, BLOCK_I] tile of S1 and S2; the first I-tile column also writes the bias moments."""
+def _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O, HAS_S1: tl.constexpr):
+    """Write a program's [BLOCK_O, BLOCK_I] tile of S2 (and of S1 unless the caller gave it); the first I-tile
+    column also writes the bias moments."""
     mask = (o[:, None] < O) & (i[None, :] < I)
     offs = o[:, None].to(tl.int64) * I + i[None, :]
-    tl.store(S1_ptr + offs, s1, mask=mask)
+    if not HAS_S1:
+        tl.store(S1_ptr + offs, s1, mask=mask)
     tl.store(S2_ptr + offs, s2, mask=mask)
     if pi == 0:
         tl.store(B1_ptr + o, b1, mask=o < O)
@@ -54,6 +58,7 @@ def _moments_t1_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ACC: tl.constexpr,
+    HAS_S1: tl.constexpr,
 ):
     po = tl.program_id(0)
     pi = tl.program_id(1)
@@ -76,11 +81,12 @@ def _moments_t1_kernel(
         gb = tl.trans(g * fg[:, None])
         xb = x * fx[:, None]
         # the accumulator is passed in, so the products come out in ACC (tl.dot alone gives float32)
-        s1 = tl.dot(tl.trans(g), x, s1, input_precision="ieee")
+        if not HAS_S1:
+            s1 = tl.dot(tl.trans(g), x, s1, input_precision="ieee")
         s2 = tl.dot(gb * gb, xb * xb, s2, input_precision="ieee")
         b1 += tl.sum(g, axis=0)
         b2 += tl.sum(g * g, axis=0)
-    _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O)
+    _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O, HAS_S1)
 
 
 @triton.jit
@@ -99,6 +105,7 @@ def _moments_seq_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_T: tl.constexpr,
     ACC: tl.constexpr,
+    HAS_S1: tl.constexpr,
 ):
     po = tl.program_id(0)
     pi = tl.program_id(1)
@@ -126,7 +133,7 @@ def _moments_seq_kernel(
         s2 += w * w
         b1 += bn
         b2 += bn * bn
-    _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O)
+    _store_moments(S1_ptr, S2_ptr, B1_ptr, B2_ptr, s1, s2, b1, b2, o, i, pi, I, O, HAS_S1)
 
 
 def balancing_factors(x: torch.Tensor, gy: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +151,16 @@ def balancing_factors(x: torch.Tensor, gy: torch.Tensor, acc: torch.dtype) -> tu
 
 
 @triton_op("modfuse_triton::linear_moments", mutates_args=())
-def linear_moments(x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [N, (T,) I], gy [N, (T,) O] -> (S1 [O, I], S2 [O, I], B1 [O], B2 [O]) in the accumulation dtype."""
+def linear_moments(
+    x: torch.Tensor, gy: torch.Tensor, s1: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, (T,) I], gy [N, (T,) O], optional s1 [O, I] -> (S1 [O, I] (empty when s1 is given), S2 [O, I],
+    B1 [O], B2 [O]) in the accumulation dtype."""
     x, gy = x.contiguous(), gy.contiguous()
     acc = torch.float64 if x.dtype == gy.dtype == torch.float64 else torch.float32
     N, I, O = x.shape[0], x.shape[-1], gy.shape[-1]
-    S1 = torch.empty(O, I, dtype=acc, device=x.device)
+    has_s1 = s1 is not None
+    S1 = torch.empty(0 if has_s1 else (O, I), dtype=acc, device=x.device)
     S2 = torch.empty(O, I, dtype=acc, device=x.device)
     B1 = torch.empty(O, dtype=acc, device=x.device)
     B2 = torch.empty(O, dtype=acc, device=x.device)
@@ -158,10 +169,10 @@ def linear_moments(x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, tor
     if x.dim() == 2:
         fg, fx = balancing_factors(x, gy, acc)
         wrap_triton(_moments_t1_kernel)[grid](
-            x, gy, fg, fx, S1, S2, B1, B2, N, I, O, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_N=BLOCK_N, ACC=ACC
+            x, gy, fg, fx, S1, S2, B1, B2, N, I, O, BLOCK_O, BLOCK_I, BLOCK_N, ACC=ACC, HAS_S1=has_s1
         )
     else:
         wrap_triton(_moments_seq_kernel)[grid](
-            x, gy, S1, S2, B1, B2, N, x.shape[1], I, O, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_T=BLOCK_T, ACC=ACC
+            x, gy, S1, S2, B1, B2, N, x.shape[1], I, O, BLOCK_O, BLOCK_I, BLOCK_T, ACC=ACC, HAS_S1=has_s1
         )
     return S1, S2, B1, B2
