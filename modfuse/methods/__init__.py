@@ -35,6 +35,8 @@ class Step:
     forward: Callable | None = None
     inputs: Mapping | None = None
     epoch: int = 0  # epochs finished before this step
+    #: modality -> unimodal embedding [N, d_m] (pmr's prototypes), with its graph
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
     #: per objective row (modalities, then "fused"): samples over all ranks that have it (set by the Balancer)
     row_samples: dict[str, float] = field(default_factory=dict)
     #: per objective row: how many ranks have it
@@ -190,5 +192,6 @@ def _load_all() -> None:
         mmpareto,
         none,
         ogm_ge,
+        pmr,
         utilization,
     )
