@@ -185,6 +185,7 @@ def _load_all() -> None:
     from modfuse.methods import (  # noqa: F401
         agm,
         calibrated,
+        cggm,
         greedy,
         i2m2,
         inforeg,
