@@ -18,12 +18,14 @@ def forward(net, xs):
     return fused, hs
 
 
-@pytest.mark.parametrize("dims", [{"a": 5, "b": 7}, {"a": 5, "b": 7, "c": 4}])
-def test_cggm_steps_are_the_authors(dims):
+@pytest.mark.parametrize(
+    "dims,clip", [({"a": 5, "b": 7}, None), ({"a": 5, "b": 7, "c": 4}, None), ({"a": 5, "b": 7}, 0.8)]
+)
+def test_cggm_steps_are_the_authors(dims, clip):
     torch.manual_seed(0)
     net = SharedHeadNet(dims).double()
     M = len(dims)
-    b = balancer_for(net, "cggm", rou=1.3, lamda=0.05)
+    b = balancer_for(net, "cggm", rou=1.3, lamda=0.05, clip=clip)
     g = torch.Generator().manual_seed(3)
     init = [
         [torch.randn(3, 16, generator=g, dtype=torch.float64) * 0.3, torch.zeros(3, dtype=torch.float64)] for _ in dims
@@ -61,6 +63,9 @@ def test_cggm_steps_are_the_authors(dims):
             for n in names:
                 if n.startswith(f"enc.{m}."):
                     expected[n] = expected[n] * coeff[i] * 1.3
+        if clip is not None:  # torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norm = torch.stack([g.norm() for g in expected.values()]).norm()
+            expected = {n: g * min(1.0, clip / (float(norm) + 1e-6)) for n, g in expected.items()}
         cls_opt.step()
         # -- the Balancer --
         net.zero_grad(set_to_none=True)
@@ -101,3 +106,51 @@ def test_cggm_errors_and_state_round_trip():
     torch.testing.assert_close(other.method.classifiers, b.method.classifiers, rtol=0, atol=0)
     with pytest.raises(ValueError, match="cggm state"):
         other.load_state_dict({**b.state_dict(), "method_state": {"previous": torch.zeros(5)}})
+
+
+def test_cggm_slows_the_modality_whose_classifier_improves_more(monkeypatch):
+    """On test_method_behaviour's task (an easy and a hard modality) the authors' B_u = (D - d_u) / D follows the
+    accuracy changes of the auxiliary classifiers: once the easy classifier saturates (d_easy = 0) the still-improving
+    hard one gets B ~ 0, so CGGM starves the weak encoder here and its shuffle share FALLS. Measured with seed 0,
+    Adam, the loop's clip 0.8 (the method's own, default, is switched off), 30 epochs: median B easy 1.0, hard 5e-7;
+    hard share none 0.107, cggm 0.041."""
+    from test_method_behaviour import Net, hard_share, make_data
+
+    from modfuse.methods import cggm
+
+    coefficients = []
+    backward = cggm.CGGM.backward
+
+    def recording(self, step, total):
+        backward(self, step, total)
+        coefficients.append([self._last["easy/coefficient"], self._last["hard/coefficient"]])
+
+    monkeypatch.setattr(cggm.CGGM, "backward", recording)
+
+    def train(method):
+        (xtr, ytr), test = make_data(0)
+        torch.manual_seed(0)
+        net = Net({m: x.shape[1] for m, x in xtr.items()})
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        options = {"clip": None} if method == "cggm" else {}
+        b = modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method=method, **options)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            perm = torch.randperm(len(ytr), generator=g)
+            for i in range(0, len(ytr), 50):
+                idx = perm[i : i + 50]
+                xs, y = {m: x[idx] for m, x in xtr.items()}, ytr[idx]
+                hs = {m: net.enc[m](xs[m]) for m in xs}
+                fused = net.head(torch.stack(list(hs.values())).mean(0))
+                opt.zero_grad()
+                kw = dict(fused=F.cross_entropy(fused, y, reduction="none"), target=y, fused_logits=fused)
+                if b.backward(**kw, **({"features": hs} if method == "cggm" else {})):
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 0.8)
+                    opt.step()
+            b.end_epoch()
+        return hard_share(net, test)
+
+    plain, balanced = train("none"), train("cggm")
+    easy, hard = torch.tensor(coefficients).median(0).values.tolist()
+    assert easy > 0.9 and hard < 0.1, (easy, hard)
+    assert balanced < plain - 0.03, (balanced, plain)

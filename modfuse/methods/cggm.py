@@ -23,10 +23,12 @@ What differs from the authors' code, and why:
 - the paper writes the cosines between the classifiers' and the fusion module's gradients; the authors' code takes
   them between the out-layer weights (the parameters, in variables named *_grad): this follows the code;
 - the auxiliary classifiers here are linear (the authors': a transformer or an MLP and an out layer), owned by the
-  method and saved in its state_dict; their gradient clipping (clip 0.8 over the model) is left to the training
-  loop;
+  method and saved in its state_dict;
 - B_u is the authors' formula with no guard: when the accuracy changes nearly cancel (D near 0) it becomes very
-  large or negative, as theirs does (the stats show it).
+  large or negative, as theirs does (the stats show it). What keeps their training stable is the gradient
+  clipping of their step, clip_grad_norm_(model, 0.8) after the modulation, so the method does it too
+  (clip=0.8; clip=None leaves it to the loop): the call's gradients are then clipped to total norm 0.8, which a
+  plain `loss.backward()` would not do.
 Distributed: the classifier gradients (weighted N_r / N) and the correct counts are summed in the same collective
 as the encoder banks, so every rank's classifiers and B stay identical and the step equals one process on the
 concatenated batch.
@@ -73,7 +75,15 @@ class CGGM(Method):
     plain_gradients = False
     fsdp2 = False
 
-    def __init__(self, groups, rou: float = 1.3, lamda: float = 0.05, cls_lr: float = 5e-4, fusion_head=None):
+    def __init__(
+        self,
+        groups,
+        rou: float = 1.3,
+        lamda: float = 0.05,
+        cls_lr: float = 5e-4,
+        clip: float | None = 0.8,
+        fusion_head=None,
+    ):
         super().__init__(groups)
         if len(groups.modalities) < 2:
             raise ValueError("method 'cggm' needs at least two modalities")
@@ -82,6 +92,7 @@ class CGGM(Method):
             raise ValueError(f"lamda must be a number >= 0, got {lamda!r}")
         self.lamda = float(lamda)
         self.cls_lr = check.positive("cls_lr", cls_lr)
+        self.clip = None if clip is None else check.positive("clip", clip)
         if fusion_head is None:
             candidates = [p for _, p in groups.shared if p.dim() == 2]
             if len(candidates) != 1:
@@ -171,6 +182,8 @@ class CGGM(Method):
             for layout, buf in banks[m]:
                 scale = torch.full((len(layout.params),), self.rou * float(B[u]), dtype=torch.float64)
                 ops.segment_scale_(buf[0], layout.offsets, scale.to(buf.device))
+        if self.clip is not None:  # the authors' clip_grad_norm_ over the model, after the modulation
+            torch.nn.utils.clip_grad_norm_([p for p in groups.trainable if p.grad is not None], self.clip)
         start = 0
         for p in params:
             p.grad = flat[start : start + p.numel()].view_as(p).clone()
