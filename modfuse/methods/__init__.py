@@ -97,7 +97,7 @@ class Method:
                 f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
                 "backwards per step or the whole gradient of a group on every rank; use "
                 "DistributedDataParallel, or a method that runs under FSDP2 (none, mimo, i2m2, "
-                "utilization, calibrated with moments='per_sample', ogm_ge, greedy, mmpareto)"
+                "utilization, calibrated with moments='per_sample', ogm_ge, greedy, mmpareto, pmr)"
             )
 
     # -- the two decisions ----------------------------------------------------------------------------------
