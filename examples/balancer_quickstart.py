@@ -57,6 +57,7 @@ class LateFusion(nn.Module):
     def forward(self, xs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(fused logits [N, C], modality -> unimodal logits [N, C])."""
         h = {m: enc(xs[m]) for m, enc in self.encoders.items()}
+        self.features = h  # the embeddings, for the methods that read them (pmr, cggm)
         fused = self.head(torch.stack(list(h.values())).mean(0))
         return fused, {m: self.head(hm) for m, hm in h.items()}
 
@@ -104,6 +105,7 @@ def main(
                 "target": y,
                 "forward": lambda d: model(d)[0],
                 "inputs": xs,
+                "features": model.features,
             }  # utilization re-runs the model
             if method in NEEDS_UNIMODAL:
                 step["unimodal"] = {m: F.cross_entropy(lg, y, reduction="none") for m, lg in logits.items()}

@@ -48,7 +48,7 @@ class Balancer:
             keys of the `unimodal` and `logits` dicts given to `backward`. At most 16 modalities.
         shared: parameters reached by every modality's objective (module or iterable), used by "calibrated".
         method: one of modfuse.methods.names(): "none", "calibrated", "ogm_ge", "greedy", "mmpareto",
-            "utilization", "mimo", "i2m2".
+            "utilization", "mimo", "i2m2", "agm", "inforeg", "pmr", "cggm".
         on_nonfinite: a NaN/Inf loss, or a NaN/Inf in a gradient the Balancer wrote, either skips the step with a
             warning ("skip": backward returns False and no gradient, method state or counter changes) or raises
             FloatingPointError ("raise"). Under torch.distributed all ranks decide together.
@@ -116,6 +116,7 @@ class Balancer:
         target: torch.Tensor | None = None,
         forward: Callable | None = None,
         inputs: Mapping | None = None,
+        features: Mapping[str, torch.Tensor] | None = None,
     ) -> bool:
         """Compute this step's gradients into `.grad` (adding to what is there). Returns False if skipped.
 
@@ -129,6 +130,7 @@ class Balancer:
             target: class labels [N] (ogm_ge, utilization, i2m2).
             forward: inputs dict -> fused logits, and inputs: the step's modality -> input dict (utilization
                 re-runs the model with one modality shuffled across the batch).
+            features: modality -> that modality's embedding [N, d_m], with its graph (pmr's prototypes).
         """
         groups = self.groups
         method_state = copy.deepcopy(self.method.state_dict())
@@ -136,7 +138,7 @@ class Balancer:
         # Everything that may differ between ranks is decided locally first, then agreed in one tiny all-reduce,
         # so that ranks raise or skip together instead of leaving the others waiting in a collective.
         try:
-            step = self._step(fused, unimodal, logits, fused_logits, target, forward, inputs)
+            step = self._step(fused, unimodal, logits, fused_logits, target, forward, inputs, features)
             self.method.check(step)
             total = self.method.objective(step)
             bad_loss = self._nonfinite_loss(step, total)
@@ -264,8 +266,8 @@ class Balancer:
         self.close()
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _step(self, fused, unimodal, logits, fused_logits, target, forward, inputs) -> Step:
-        for arg, value in (("unimodal", unimodal), ("logits", logits)):
+    def _step(self, fused, unimodal, logits, fused_logits, target, forward, inputs, features=None) -> Step:
+        for arg, value in (("unimodal", unimodal), ("logits", logits), ("features", features)):
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(
                     f"{arg} must be a dict of modality name -> tensor (keys "
@@ -273,7 +275,8 @@ class Balancer:
                 )
         unimodal = dict(unimodal or {})
         logits = dict(logits or {})
-        for arg, d in (("unimodal", unimodal), ("logits", logits)):
+        features = dict(features or {})
+        for arg, d in (("unimodal", unimodal), ("logits", logits), ("features", features)):
             unknown = [k for k in d if k not in self.modalities]
             if unknown:
                 raise ValueError(
@@ -283,7 +286,8 @@ class Balancer:
         # Keep modality order (it is the row order of the banks).
         unimodal = {m: unimodal[m] for m in self.modalities if m in unimodal}
         logits = {m: logits[m] for m in self.modalities if m in logits}
-        step = Step(fused, unimodal, logits, fused_logits, target, forward, inputs, epoch=self.epoch)
+        features = {m: features[m] for m in self.modalities if m in features}
+        step = Step(fused, unimodal, logits, fused_logits, target, forward, inputs, epoch=self.epoch, features=features)
         losses = step.named_losses()
         if not losses and self.method.needs_loss:
             raise ValueError("backward needs a loss: pass fused= and/or unimodal=")

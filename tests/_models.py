@@ -29,6 +29,7 @@ class SharedHeadNet(nn.Module):
 
     def forward(self, xs):
         hs = {m: self.enc[m](xs[m]) for m in self.enc}
+        self.features = hs  # the embeddings of the last forward (pmr, cggm)
         if self.fused_twice:
             fused = torch.stack([self.head(h) for h in hs.values()]).mean(0)
         else:
@@ -53,6 +54,7 @@ def losses(net, xs, y):
         target=y,
         forward=lambda d: net(d)[0],
         inputs=xs,
+        features=getattr(net, "module", net).features,
     )
 
 

@@ -35,6 +35,8 @@ STATS_KEYS = {
     "i2m2": set(),
     "inforeg": {"{m}/window", "{m}/beta", "{m}/fisher_trace"},
     "agm": {"{m}/coefficient"},
+    "pmr": {"{m}/prototype_score", "{m}/pce_coefficient"},
+    "cggm": {"{m}/coefficient", "{m}/classifier_accuracy", "{m}/cos", "direction_loss"},
 }
 
 

@@ -405,5 +405,18 @@ def test_i2m2_log_probs_and_gradients():
 
 def test_registry_has_every_spec_method():
     assert modfuse.methods.names() == sorted(
-        ["agm", "calibrated", "greedy", "i2m2", "inforeg", "mimo", "mmpareto", "none", "ogm_ge", "utilization"]
+        [
+            "agm",
+            "calibrated",
+            "cggm",
+            "greedy",
+            "i2m2",
+            "inforeg",
+            "mimo",
+            "mmpareto",
+            "none",
+            "ogm_ge",
+            "pmr",
+            "utilization",
+        ]
     )

@@ -35,6 +35,8 @@ class Step:
     forward: Callable | None = None
     inputs: Mapping | None = None
     epoch: int = 0  # epochs finished before this step
+    #: modality -> unimodal embedding [N, d_m] (pmr's prototypes), with its graph
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
     #: per objective row (modalities, then "fused"): samples over all ranks that have it (set by the Balancer)
     row_samples: dict[str, float] = field(default_factory=dict)
     #: per objective row: how many ranks have it
@@ -95,7 +97,7 @@ class Method:
                 f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
                 "backwards per step or the whole gradient of a group on every rank; use "
                 "DistributedDataParallel, or a method that runs under FSDP2 (none, mimo, i2m2, "
-                "utilization, calibrated with moments='per_sample', ogm_ge, greedy, mmpareto)"
+                "utilization, calibrated with moments='per_sample', ogm_ge, greedy, mmpareto, pmr)"
             )
 
     # -- the two decisions ----------------------------------------------------------------------------------
@@ -183,6 +185,7 @@ def _load_all() -> None:
     from modfuse.methods import (  # noqa: F401
         agm,
         calibrated,
+        cggm,
         greedy,
         i2m2,
         inforeg,
@@ -190,5 +193,6 @@ def _load_all() -> None:
         mmpareto,
         none,
         ogm_ge,
+        pmr,
         utilization,
     )

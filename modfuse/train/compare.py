@@ -43,6 +43,8 @@ GRID: list[tuple[str, dict]] = [
     ("utilization 0.75", dict(method="utilization", options={"target": 0.75})),
     ("mimo", dict(method="mimo")),
     ("i2m2", dict(method="i2m2", fusion="i2m2")),
+    ("pmr", dict(method="pmr")),
+    ("cggm", dict(method="cggm")),
     ("frozen: none (fused only)", dict(method="none", freeze_encoders=True, fusion="concat")),
     (
         "frozen: utilization 0.5",

@@ -14,6 +14,7 @@ from modfuse.train.metrics import NOISE_VARIANCES
 from modfuse.train.models import FUSIONS
 
 METHODS = ("none", "calibrated", "ogm_ge", "greedy", "mmpareto", "utilization", "mimo", "i2m2")
+METHODS += ("pmr", "cggm")  # read the embeddings (models.LateFusionNet.features)
 # Methods whose objective includes each modality's own loss (so the comparison shows a fused+unimodal control).
 UNIMODAL_METHODS = ("calibrated", "mmpareto", "mimo")
 DEFAULT_VIEWS = {

@@ -67,6 +67,7 @@ class LateFusionNet(nn.Module):
 
     def forward(self, xs: dict[str, torch.Tensor]):
         hs = {m: self.enc[m](xs[m]) for m in self.enc}
+        self.features = hs  # the embeddings of the last forward (pmr's prototypes, cggm's classifiers)
         if self.fusion == "shared":
             return self.head(torch.stack(list(hs.values())).mean(0)), {m: self.head(h) for m, h in hs.items()}
         fused = self.head(torch.cat(list(hs.values()), 1))
