@@ -244,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{m} {v:.3f}" for m, v in final["branch_accuracy"].items())
     )
     print(
+        f"macro-F1 {final['macro_f1']:.4f}; accuracy with a modality missing (input zeroed) "
+        + ", ".join(f"{m} {v:.3f}" for m, v in final["missing_accuracy"].items())
+        + "; Shapley "
+        + ", ".join(f"{m} {v:.3f}" for m, v in final["shapley"].items())
+        + f"; imbalance {final['imbalance']:.3f}"
+    )
+    print(
         f"noise on {dominant}: "
         + ", ".join(f"σ²={v:g}: {a:.3f}" for v, a in zip(summary["noise_variances"], summary["noise"][dominant]))
     )
