@@ -24,6 +24,7 @@ __all__ = [
     "calibration_opinions",
     "calibrated_aggregate",
     "calibrated_aggregate_samples",
+    "calibrated_aggregate_precision",
     "gram",
     "weighted_sum",
     "segment_scale_",
@@ -151,6 +152,33 @@ def calibrated_aggregate_samples(G, kappa=1.0, eps=None, evidence_max=1e6, retur
     v = (g - mu[:, None, :]).square().sum(1) / (K - 1)
     n = torch.full((g.shape[0],), K, dtype=acc, device=g.device)
     return _aggregate(mu, v, n, kappa, eps, evidence_max, return_uncertainty, G.dtype)
+
+
+def calibrated_aggregate_precision(S1, S2, n, kappa=1.0, eps=None, evidence_max=1e6, return_uncertainty=False):
+    """The evidence-from-precision form of Op 4 (docs/math.md, calibrated, evidence="precision"); plain PyTorch only.
+
+    One scalar evidence per row: the precision of its mean gradient, P_r = 1 / (mean_d v_r / n_r + eps), relative to
+    the rows' mean precision, e_r = min(R P_r / sum_j P_j, evidence_max); b_r = e_r / (e_r + kappa) and
+    out = sum_r b_r mu_r. Same returns as calibrated_aggregate (stats columns 2 and 3 are then constant over d).
+    """
+    out_dtype = S1.dtype
+    acc = accumulation_dtype(out_dtype)
+    if eps is None:
+        eps = default_eps(out_dtype)
+    S1, S2 = S1.to(acc), S2.to(acc)
+    n = torch.as_tensor(n, device=S1.device).to(acc).reshape(-1, 1)
+    mu = S1 / n
+    v = torch.clamp(S2 - n * mu.square(), min=0) / (n - 1)
+    precision = 1 / ((v / n).mean(1, keepdim=True) + eps)  # [R, 1]: inverse mean variance of the mean gradient
+    e = torch.clamp(precision.shape[0] * precision / precision.sum(), max=evidence_max).expand_as(mu)
+    b = e / (e + kappa)
+    u = kappa / (e + kappa)
+    out = (b * mu).sum(0)
+    stats = torch.stack([mu.square().sum(1), (b * mu).square().sum(1), b.mean(1), (e == 0).to(acc).mean(1)], dim=1)
+    result = (out.to(out_dtype), stats)
+    if return_uncertainty:
+        result += (u.prod(0).to(out_dtype),)
+    return result
 
 
 # Op 5 ---------------------------------------------------------------------------------------------------------

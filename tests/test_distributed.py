@@ -36,6 +36,7 @@ LINEAR = [
     "none",
     "calibrated-microbatch",
     "calibrated-per_sample",
+    "calibrated-precision",
     "ogm_ge",
     "greedy",
     "mmpareto",
@@ -54,6 +55,8 @@ def method_of(case: str, world: int) -> tuple[str, dict]:
         return "calibrated", {"microbatches": K_TOTAL // world}
     if case == "calibrated-per_sample":
         return "calibrated", {"moments": "per_sample"}
+    if case == "calibrated-precision":  # evidence from precision: the banks all-reduced whole (a mean over D)
+        return "calibrated", {"moments": "per_sample", "evidence": "precision"}
     if case == "greedy":  # a hold decided after step 1, so that 3 steps exercise it
         return "greedy", {"window_steps": 1, "threshold": 0.0}
     return case, {}
@@ -421,7 +424,8 @@ def test_plain_process_group_equals_one_process(job, single, case):
         # one tiny agreement + one packed all-reduce per step (the float64 model has one dtype); calibrated:
         # the agreement + reduce-scatter + all-gather (shard-local Op 4)
         # pmr: its scores and class sums are all-reduced before the objective is formed, so one more
-        assert collectives == (3 if case.startswith("calibrated") or case == "pmr" else 2), collectives
+        shard_local = case.startswith("calibrated") and case != "calibrated-precision"
+        assert collectives == (3 if shard_local or case == "pmr" else 2), collectives
 
 
 def test_shard_local_calibration_sends_fewer_bytes(job):
@@ -473,7 +477,7 @@ def test_fsdp2(job, single, case):
     world, results = job
     name = f"fsdp2/{case}"
     method = method_of(case, world)[0]
-    if case in ("calibrated-microbatch", "inforeg", "agm", "cggm"):
+    if case in ("calibrated-microbatch", "calibrated-precision", "inforeg", "agm", "cggm"):
         for res in results:
             _, etype, message, _ = res[name]
             assert etype == "ValueError" and method in message and "FSDP2" in message, message

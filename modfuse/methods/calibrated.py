@@ -31,7 +31,11 @@ Options: moments, microbatches (8; K = 4 gives weak evidence), kappa (1), eps (N
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
 (False: run the statistics stage through torch.compile(fullgraph=True)), collectives ("reduce_scatter": under
 torch.distributed each rank runs Op 4 on its 1/W slice of the summed banks and one all-gather returns the result,
-(W-1)/W (2R + 1) D elements per rank against 2 (W-1)/W 2R D for "all_reduce" of the banks).
+(W-1)/W (2R + 1) D elements per rank against 2 (W-1)/W 2R D for "all_reduce" of the banks), evidence ("t": the
+per-element t-statistic above; "precision": the BOGC-MML paper's reading, one evidence per objective from the
+precision of its mean gradient relative to the objectives' mean precision, in plain PyTorch:
+reference.calibrated_aggregate_precision, docs/math.md#calibrated; it rebalances towards steadier objectives,
+all-reduces the banks whole under torch.distributed and raises under FSDP2).
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ from modfuse.methods import Method, register
 def calibrate(S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, kappa: float, eps: float, evidence_max: float):
     """Op 4 through the public op, so the backend choice and its argument checks apply here too."""
     return ops.calibrated_aggregate(S1, S2, n, kappa, eps, evidence_max)
+
+
+def calibrate_precision(S1, S2, n, kappa: float, eps: float, evidence_max: float):
+    """evidence="precision": one evidence per objective from its gradient precision (plain PyTorch; no kernel,
+    as it did not beat the t-statistic form on the trainer's data: README, calibrated)."""
+    return reference.calibrated_aggregate_precision(S1, S2, n, kappa, eps, evidence_max)
 
 
 @register
@@ -69,8 +79,17 @@ class Calibrated(Method):
         include_fused: bool = True,
         compile: bool = False,
         collectives: str = "reduce_scatter",
+        evidence: str = "t",
     ):
         super().__init__(groups)
+        if evidence not in ("t", "precision"):
+            raise ValueError(f"evidence must be 't' (per-element t-statistic) or 'precision', got {evidence!r}")
+        if evidence == "precision" and groups.fsdp:
+            raise ValueError(
+                "method 'calibrated' with evidence='precision' cannot run under FSDP2 (fully_shard): its evidence "
+                "is a mean over every shared element, and each rank holds a shard only; use evidence='t'"
+            )
+        self.evidence = evidence
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
         if groups.fsdp and moments == "microbatch":
@@ -97,7 +116,8 @@ class Calibrated(Method):
         self.eps = None if eps is None else check.positive("eps", eps)
         self.layouts = groups.layouts(groups.shared)
         # looked up at call time when not compiled, so a wrapper such as modfuse.train.timing.op_timer sees it
-        self._compiled = torch.compile(calibrate, fullgraph=True, dynamic=False) if compile else None
+        op4 = calibrate if evidence == "t" else calibrate_precision
+        self._compiled = torch.compile(op4, fullgraph=True, dynamic=False) if compile else None
         self._last: list[tuple[list[str], torch.Tensor]] = []
         self._calls: dict[torch.nn.Linear, list] = {}
         self._hooks: list = []
@@ -111,6 +131,10 @@ class Calibrated(Method):
             for module in self._linear:
                 self._hooks.append(module.register_forward_hook(lambda mod, args, out: _record(me, mod, args, out)))
             self._finalizer = weakref.finalize(self, _remove, list(self._hooks))
+
+    def _op4(self, *args):
+        # the module-level function looked up per call, so a wrapper such as op_timer sees it
+        return (calibrate if self.evidence == "t" else calibrate_precision)(*args)
 
     def close(self):
         _remove(self._hooks)
@@ -177,7 +201,8 @@ class Calibrated(Method):
         ]
         pairs, flats, others_reached = groups.grads_to_reduce(others)
         scatter = (
-            self.collectives == "reduce_scatter"
+            self.evidence == "t"  # the precision evidence is a mean over the whole bank, not per slice
+            and self.collectives == "reduce_scatter"
             and groups.distributed
             and groups.synced
             and len(banks) == 1
@@ -194,7 +219,7 @@ class Calibrated(Method):
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
 
             def op4(slice_, real):
-                out, stats = (self._compiled or calibrate)(
+                out, stats = (self._compiled or self._op4)(
                     slice_[:R].contiguous(), slice_[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
                 )
                 Dw = slice_.shape[1]
@@ -238,7 +263,7 @@ class Calibrated(Method):
             results = []
             for bank in banks:
                 eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-                out, stats = (self._compiled or calibrate)(bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max)
+                out, stats = (self._compiled or self._op4)(bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max)
                 results.append((bank, out, stats))
         for bank, out, stats in results:
             out = out.to(bank.layout.dtype)
@@ -267,7 +292,7 @@ class Calibrated(Method):
                         f"shared parameter {groups.name_of(p)!r} received no gradient from any objective of this step"
                     )
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-            out, stats = (self._compiled or calibrate)(
+            out, stats = (self._compiled or self._op4)(
                 mine[:R].contiguous(), mine[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
             )
             L = mine.shape[1]

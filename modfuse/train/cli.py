@@ -17,7 +17,7 @@ import argparse
 import importlib.util
 import sys
 
-from modfuse.train.config import METHODS
+from modfuse.train.config import METHODS, UNIMODAL_METHODS
 from modfuse.train.models import FUSIONS
 
 # What the `train` extra installs (pyproject.toml); checked before anything imports them.
@@ -50,7 +50,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--unimodal",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="add each modality's own loss (default: only for calibrated, mmpareto, mimo)",
+        help=f"add each modality's own loss (default: only for {', '.join(UNIMODAL_METHODS)})",
     )
     g.add_argument(
         "--option",
@@ -242,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{m} {v:.3f}" for m, v in final["shuffle_utilization"].items())
         + "; branch accuracy "
         + ", ".join(f"{m} {v:.3f}" for m, v in final["branch_accuracy"].items())
+    )
+    print(
+        f"macro-F1 {final['macro_f1']:.4f}; accuracy with a modality missing (input zeroed) "
+        + ", ".join(f"{m} {v:.3f}" for m, v in final["missing_accuracy"].items())
+        + "; Shapley "
+        + ", ".join(f"{m} {v:.3f}" for m, v in final["shapley"].items())
+        + f"; imbalance {final['imbalance']:.3f}"
     )
     print(
         f"noise on {dominant}: "

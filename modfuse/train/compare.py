@@ -2,16 +2,20 @@
 
 Rows (each trained with the same data, model, optimizer and epochs; only the method and its losses differ):
 - none (fused only): plain joint training on the fused loss, the greedy case every method is measured against;
-- none + unimodal: the fused loss plus each modality's own loss. calibrated, mmpareto and mimo add those losses
-  too, so this control shows what the losses alone buy; a method is credited only with what it adds beyond it;
-- calibrated, ogm_ge, greedy, mmpareto, utilization (targets 0.5 and 0.75), mimo, i2m2 (its own product head);
+- none + unimodal: the fused loss plus each modality's own loss. The methods of config.UNIMODAL_METHODS add those
+  losses too, so this control shows what the losses alone buy; a method is credited only with what it adds;
+- every method of modfuse.methods.names(), with its default options, driven by the registry: a new method appears
+  with no entry here. VARIANTS gives a method several rows (calibrated's two evidence forms, utilization's targets
+  0.5 and 0.75, i2m2 with its own product head);
 - the utilization paper's protocol: encoders pretrained each on its own modality and frozen, then only the fusion
   head trained (fused loss alone, and with utilization targets 0.5 and 0.75).
 
-Columns, on the test split, mean ± standard deviation over seeds: clean accuracy; mean accuracy over the noise
-sweep and accuracy at variance 0.12 and at the sweep's largest variance, with Gaussian noise on the dominant modality; the dominant modality's
-shuffle utilization (the quantity the utilization targets set) and conditional utilization rate; the accuracy of
-every other modality's branch; the step time and the part of it spent in modfuse's fused ops.
+Columns, on the test split, mean ± standard deviation over seeds: clean accuracy and macro-F1; mean accuracy over
+the noise sweep and accuracy at variance 0.12 and at the sweep's largest variance, with Gaussian noise on the
+dominant modality; the dominant modality's shuffle utilization (the quantity the utilization targets set) and
+conditional utilization rate; the accuracy of every other modality's branch; the accuracy with each modality
+missing (input zeroed); each modality's Shapley value of accuracy and the imbalance score (metrics.py); the step
+time and the part of it spent in modfuse's fused ops.
 """
 
 from __future__ import annotations
@@ -27,24 +31,29 @@ from pathlib import Path
 
 import numpy as np
 
-from modfuse.train.config import UNIMODAL_METHODS, Config
+from modfuse.train.config import METHODS, UNIMODAL_METHODS, Config
 from modfuse.train.loop import load_data, run
 from modfuse.train.rundir import RunError, claim, write_text
 
-# (label, Config overrides)
-GRID: list[tuple[str, dict]] = [
-    ("none (fused only)", dict(method="none")),
-    ("none + unimodal (control)", dict(method="none", unimodal=True)),
-    ("calibrated", dict(method="calibrated")),
-    ("ogm_ge", dict(method="ogm_ge")),
-    ("greedy", dict(method="greedy")),
-    ("mmpareto", dict(method="mmpareto")),
-    ("utilization 0.5", dict(method="utilization", options={"target": 0.5})),
-    ("utilization 0.75", dict(method="utilization", options={"target": 0.75})),
-    ("mimo", dict(method="mimo")),
-    ("i2m2", dict(method="i2m2", fusion="i2m2")),
-    ("pmr", dict(method="pmr")),
-    ("cggm", dict(method="cggm")),
+# The rows of a method, when it is not the single row (label = its name, its default options). A method registered
+# with modfuse.methods.register appears in the table with no entry here; add one only to show several settings.
+VARIANTS: dict[str, list[tuple[str, dict]]] = {
+    "none": [
+        ("none (fused only)", dict(method="none")),
+        ("none + unimodal (control)", dict(method="none", unimodal=True)),
+    ],
+    "calibrated": [
+        ("calibrated", dict(method="calibrated")),
+        ("calibrated evidence=precision", dict(method="calibrated", options={"evidence": "precision"})),
+    ],
+    "utilization": [
+        ("utilization 0.5", dict(method="utilization", options={"target": 0.5})),
+        ("utilization 0.75", dict(method="utilization", options={"target": 0.75})),
+    ],
+    "i2m2": [("i2m2", dict(method="i2m2", fusion="i2m2"))],  # its own product head
+}
+# The utilization paper's protocol (pretrained frozen encoders, only the fusion head trained), after the methods.
+FROZEN: list[tuple[str, dict]] = [
     ("frozen: none (fused only)", dict(method="none", freeze_encoders=True, fusion="concat")),
     (
         "frozen: utilization 0.5",
@@ -55,6 +64,16 @@ GRID: list[tuple[str, dict]] = [
         dict(method="utilization", options={"target": 0.75}, freeze_encoders=True, fusion="concat"),
     ),
 ]
+FIRST = ("none", "calibrated")  # the baselines, then the method the control is for; the rest in name order
+
+
+def grid() -> list[tuple[str, dict]]:
+    """(label, Config overrides) of every row: every method of modfuse.methods.names(), then the frozen rows."""
+    order = [m for m in FIRST if m in METHODS] + [m for m in METHODS if m not in FIRST]
+    return [row for m in order for row in VARIANTS.get(m, [(m, dict(method=m))])] + FROZEN
+
+
+GRID: list[tuple[str, dict]] = grid()
 
 
 def slug(label: str) -> str:
@@ -192,6 +211,8 @@ def summarise(label: str, summaries: list[dict]) -> dict:
     i012 = variances.index(0.12) if 0.12 in variances else None
     per_seed = {
         "accuracy": [],
+        "macro_f1": [],
+        "imbalance": [],
         "noise_mean": [],
         "acc_at_0.12": [],
         "acc_at_max": [],
@@ -202,9 +223,17 @@ def summarise(label: str, summaries: list[dict]) -> dict:
     }
     for m in others:
         per_seed[f"branch_{m}"] = []
+    for m in summaries[0]["modalities"]:
+        per_seed[f"missing_{m}"] = []
+        per_seed[f"shapley_{m}"] = []
     for s in summaries:
         final, sweep = s["final"], s["noise"][dominant]
         per_seed["accuracy"].append(final["accuracy"])
+        per_seed["macro_f1"].append(final["macro_f1"])
+        per_seed["imbalance"].append(final["imbalance"])
+        for m in s["modalities"]:
+            per_seed[f"missing_{m}"].append(final["missing_accuracy"][m])
+            per_seed[f"shapley_{m}"].append(final["shapley"][m])
         per_seed["noise_mean"].append(float(np.mean(sweep)))
         per_seed["acc_at_0.12"].append(sweep[i012] if i012 is not None else float("nan"))
         per_seed["acc_at_max"].append(sweep[variances.index(max(variances))])
@@ -234,12 +263,14 @@ def summarise(label: str, summaries: list[dict]) -> dict:
 
 def markdown_table(rows: list[dict], dominant: str, seeds: int, variances: list[float]) -> str:
     others = rows[0]["others"]
+    modalities = [dominant, *others]
     pct = lambda r, k: f"{100 * r['mean'][k]:.1f} ± {100 * r['std'][k]:.1f}"
     head = (
         [
             "method",
             "+unimodal losses",
             "clean acc %",
+            "macro-F1 %",
             f"mean acc % over noise on {dominant}",
             "acc % at σ²=0.12",
             f"acc % at σ²={max(variances):g}",
@@ -247,6 +278,9 @@ def markdown_table(rows: list[dict], dominant: str, seeds: int, variances: list[
             f"cond. util. {dominant} %",
         ]
         + [f"{m} branch acc %" for m in others]
+        + [f"acc % {m} missing" for m in modalities]
+        + [f"Shapley {m} %" for m in modalities]
+        + ["imbalance %"]
         + ["step ms", "modfuse ms"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -256,6 +290,7 @@ def markdown_table(rows: list[dict], dominant: str, seeds: int, variances: list[
                 r["label"],
                 "yes" if r["unimodal_losses"] else "no",
                 pct(r, "accuracy"),
+                pct(r, "macro_f1"),
                 pct(r, "noise_mean"),
                 pct(r, "acc_at_0.12"),
                 pct(r, "acc_at_max"),
@@ -263,11 +298,16 @@ def markdown_table(rows: list[dict], dominant: str, seeds: int, variances: list[
                 pct(r, "cu_dominant"),
             ]
             + [pct(r, f"branch_{m}") for m in others]
+            + [pct(r, f"missing_{m}") for m in modalities]
+            + [pct(r, f"shapley_{m}") for m in modalities]
+            + [pct(r, "imbalance")]
             + [f"{r['mean']['step_ms']:.2f}", f"{r['mean']['modfuse_ms']:.3f}"]
         )
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
         f"\nmean ± standard deviation over {seeds} seeds; MU = shuffle utilization share (Singh et al.); "
+        "missing = that modality's input zeroed (its training mean); Shapley = per-modality Shapley value of "
+        "accuracy over the modality subsets (BalanceMM), imbalance = (max - min) / sum |Shapley|; "
         "step ms = forward + Balancer.backward + optimizer step, of which modfuse ms is inside the fused ops."
     )
     return "\n".join(lines)

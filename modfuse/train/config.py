@@ -10,13 +10,14 @@ from pathlib import Path
 import tomllib
 import torch
 
+from modfuse.methods import _REGISTRY, names
 from modfuse.train.metrics import NOISE_VARIANCES
 from modfuse.train.models import FUSIONS
 
-METHODS = ("none", "calibrated", "ogm_ge", "greedy", "mmpareto", "utilization", "mimo", "i2m2")
-METHODS += ("pmr", "cggm")  # read the embeddings (models.LateFusionNet.features)
-# Methods whose objective includes each modality's own loss (so the comparison shows a fused+unimodal control).
-UNIMODAL_METHODS = ("calibrated", "mmpareto", "mimo")
+METHODS = tuple(names())  # every registered method (modfuse.methods.register)
+# Methods whose objective includes each modality's own loss (so the comparison shows a fused+unimodal control):
+# those that require unimodal= losses, and calibrated (it weighs them when given; the trainer always gives them).
+UNIMODAL_METHODS = tuple(m for m in METHODS if m == "calibrated" or "unimodal" in _REGISTRY[m].requires)
 DEFAULT_VIEWS = {
     "mfeat": ["kar", "mor"],
     "basicmotions": ["accelerometer", "gyroscope"],

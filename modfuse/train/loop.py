@@ -18,6 +18,7 @@ are dropped from metrics.jsonl before they are recomputed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import modfuse
+import modfuse.methods
 from modfuse.train import data as data_module
 from modfuse.train import metrics as metrics_module
 from modfuse.train.config import Config, ConfigError
@@ -116,13 +118,13 @@ def pretrain_encoders(model: LateFusionNet, xs, y, config: Config, progress: boo
 
 
 def method_options(config: Config, dominant: str, steps_per_epoch: int) -> dict:
+    """The method's options: the user's, plus what the run knows for any method whose constructor takes it
+    (seed: the run's seed; dominant: the followed modality; steps_per_epoch), so a new method needs no entry here."""
     options = dict(config.options)
-    if config.method == "utilization":
-        options.setdefault("dominant", dominant)
-        options.setdefault("steps_per_epoch", steps_per_epoch)
-        options.setdefault("seed", config.seed)
-    if config.method in ("ogm_ge",):
-        options.setdefault("seed", config.seed)
+    accepted = inspect.signature(modfuse.methods._REGISTRY[config.method].__init__).parameters
+    for name, value in (("seed", config.seed), ("dominant", dominant), ("steps_per_epoch", steps_per_epoch)):
+        if name in accepted:
+            options.setdefault(name, value)
     if config.method == "calibrated" and config.fusion == "shared":
         options.setdefault("moments", "per_sample")  # the head is an nn.Linear: exact per-sample moments
     return options

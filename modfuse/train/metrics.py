@@ -9,12 +9,27 @@
   `shuffles` fixed permutations (one permutation moves MU by a few points on 600 samples).
 - noise robustness: accuracy when N(0, variance) noise is added to one modality's standardised input, averaged
   over `draws` fixed noise draws, for each variance of a sweep.
+- macro-F1: the unweighted mean over classes of 2 TP / (2 TP + FP + FN), over the classes that occur in the labels
+  or the predictions (scikit-learn's f1_score(average="macro") with its default labels).
+- missing-modality accuracy: the accuracy with modality m missing at test time, "missing" meaning its input is
+  zeroed. Every modality is standardised with training statistics, so zero is its training-set mean input: the
+  masking of BalanceMM (GeWu-Lab/BalanceBenchmark zeroes a padded modality's input) and the replacement of the
+  conditional utilization rate, so the model sees an uninformative but in-distribution input (a mean embedding
+  would need a hook inside each model and is not what the field's toolkit does).
+- Shapley values of accuracy (BalanceMM's Calculate_Shapley): v(S) = accuracy with the modalities outside S zeroed
+  (v(empty) = every modality zeroed, not 0), phi_m = sum_{S not holding m} |S|! (M - |S| - 1)! / M! (v(S + m) -
+  v(S)); they sum to v(all) - v(empty). Imbalance score: (max_m phi_m - min_m phi_m) / sum_m |phi_m| (0 when every
+  phi is 0): 0 for equal contributions, 1 when one modality's contribution is everything (the toolkit logs the
+  per-modality values only; this scalar is modfuse's, defined so that it is comparable across M and accuracies).
 
 Every random draw comes from a generator seeded by the caller, so an evaluation never touches the training RNG
 (a resumed run evaluates exactly as the uninterrupted one).
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 
@@ -28,6 +43,63 @@ def accuracy(model, xs: dict[str, torch.Tensor], y: torch.Tensor, batch: int = 4
         part = {m: x[i : i + batch] for m, x in xs.items()}
         correct += int((model.predict(part).argmax(1) == y[i : i + batch]).sum())
     return correct / y.shape[0]
+
+
+@torch.no_grad()
+def predictions(model, xs: dict[str, torch.Tensor], batch: int = 4096) -> torch.Tensor:
+    n = next(iter(xs.values())).shape[0]
+    return torch.cat(
+        [model.predict({m: x[i : i + batch] for m, x in xs.items()}).argmax(1) for i in range(0, n, batch)]
+    )
+
+
+def macro_f1(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over the classes in y or pred of 2 TP / (2 TP + FP + FN)."""
+    pred, y = pred.reshape(-1).long().cpu(), y.reshape(-1).long().cpu()
+    if pred.shape != y.shape or y.numel() == 0:
+        raise ValueError(f"macro_f1 needs predictions and labels of one non-empty length, got {pred.shape}, {y.shape}")
+    classes = torch.unique(torch.cat([y, pred]))
+    hit = pred == y
+    scores = []
+    for c in classes.tolist():
+        tp = int((hit & (y == c)).sum())
+        fp, fn = int(((pred == c) & ~hit).sum()), int(((y == c) & ~hit).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def coalition_accuracies(model, xs, y) -> dict[tuple[str, ...], float]:
+    """v(S) for every subset S of the modalities (in their order): accuracy with the others' inputs zeroed."""
+    names = list(xs)
+    out = {}
+    for size in range(len(names) + 1):
+        for kept in itertools.combinations(names, size):
+            masked = {m: (x if m in kept else torch.zeros_like(x)) for m, x in xs.items()}
+            out[kept] = accuracy(model, masked, y)
+    return out
+
+
+def shapley_values(v: dict[tuple[str, ...], float], names: list[str]) -> dict[str, float]:
+    """phi_m = sum over S without m of |S|! (M - |S| - 1)! / M! (v(S + m) - v(S)); v keyed by ordered tuples."""
+    M = len(names)
+    key = lambda members: tuple(m for m in names if m in members)
+    out = {}
+    for m in names:
+        others = [j for j in names if j != m]
+        phi = 0.0
+        for size in range(M):
+            weight = math.factorial(size) * math.factorial(M - size - 1) / math.factorial(M)
+            for S in itertools.combinations(others, size):
+                phi += weight * (v[key((*S, m))] - v[key(S)])
+        out[m] = phi
+    return out
+
+
+def imbalance_score(phi: dict[str, float]) -> float:
+    """(max phi - min phi) / sum |phi|: 0 for equal contributions, 1 when one modality contributes everything."""
+    total = sum(abs(x) for x in phi.values())
+    return (max(phi.values()) - min(phi.values())) / total if total > 0 else 0.0
 
 
 @torch.no_grad()
@@ -67,10 +139,19 @@ def evaluate(model, xs, y, train_means, *, seed: int = 0) -> dict:
     """Every per-epoch metric, as plain numbers."""
     was_training = model.training
     model.eval()
-    full = accuracy(model, xs, y)
+    pred = predictions(model, xs)
+    full = int((pred == y).sum()) / y.shape[0]
+    names = list(xs)
+    v = coalition_accuracies(model, xs, y)
+    phi = shapley_values(v, names)
     out = {
         "accuracy": full,
+        "macro_f1": macro_f1(pred, y),
         "branch_accuracy": branch_accuracies(model, xs, y),
+        "missing_accuracy": {m: v[tuple(j for j in names if j != m)] for m in names},
+        "shapley": phi,
+        "imbalance": imbalance_score(phi),
+        "accuracy_none": v[()],
         "conditional_utilization": conditional_utilization(model, xs, y, train_means, full),
         "shuffle_utilization": shuffle_utilization(model, xs, y, full, seed=seed),
     }

@@ -130,7 +130,10 @@ def plot_comparison(rows: list[dict], out_dir: Path, dominant: str, variances: l
         ("accuracy", "clean accuracy"),
         ("acc_at_max", f"accuracy at σ²={max(variances):g}"),
         ("mu_dominant", f"MU({dominant})"),
+        ("macro_f1", "macro-F1"),
+        ("imbalance", "Shapley imbalance"),
     ]
+    columns = [(key, name) for key, name in columns if all(key in r["mean"] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(7.5, 0.75 * len(rows) + 2), 4.5))
     width = 0.8 / len(columns)
     x = np.arange(len(rows))

@@ -31,8 +31,9 @@ def op_timer(device: torch.device):
     """Wrap the fused ops, as the methods call them, to add up the seconds spent inside them.
 
     Yields a one-element list holding the running total. The methods call the ops through the `modfuse.ops`
-    module (and calibrated through its `calibrate`), so wrapping those attributes catches every call; they are
-    restored on exit. On a GPU each call is synchronised, which serialises it: use this for a time split, not
+    module (and calibrated through its `calibrate`, or `calibrate_precision`, the plain-PyTorch statistics stage of
+    evidence="precision", timed in the same place so the two forms compare), so wrapping those attributes catches
+    every call; they are restored on exit. On a GPU each call is synchronised, which serialises it: use this for a time split, not
     for peak throughput.
     """
     spent = [0.0]
@@ -49,13 +50,16 @@ def op_timer(device: torch.device):
         return timed
 
     saved = {name: getattr(ops, name) for name in OP_NAMES}
-    saved_calibrate = calibrated_module.calibrate
+    stages = ("calibrate", "calibrate_precision")
+    saved_stages = {name: getattr(calibrated_module, name) for name in stages}
     for name, fn in saved.items():
         setattr(ops, name, wrap(fn))
-    calibrated_module.calibrate = wrap(saved_calibrate)
+    for name, fn in saved_stages.items():
+        setattr(calibrated_module, name, wrap(fn))
     try:
         yield spent
     finally:
         for name, fn in saved.items():
             setattr(ops, name, fn)
-        calibrated_module.calibrate = saved_calibrate
+        for name, fn in saved_stages.items():
+            setattr(calibrated_module, name, fn)
