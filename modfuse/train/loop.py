@@ -159,8 +159,7 @@ def train_epoch(
             synchronize(device)
             t1 = time.perf_counter()
             kw = dict(logits=unimodal, fused_logits=fused, target=target, forward=lambda d: model(d)[0], inputs=part)
-            if config.method in ("pmr", "cggm"):
-                kw["features"] = model.features
+            kw["features"] = model.features  # the embeddings (pmr, cggm); methods that do not read them ignore them
             if config.method != "i2m2":
                 kw["fused"] = F.cross_entropy(fused, target, reduction="none")
             if use_unimodal:
