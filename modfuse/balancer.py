@@ -169,6 +169,7 @@ class Balancer:
             where = bad_loss or "loss of another rank"
             return self._nonfinite(f"the {where} is NaN or Inf", method_state)
         saved = {p: p.grad for p in self.trainable}
+        groups.hold(saved.values())  # the buffers these live in are not reused by this call
         for p in self.trainable:
             p.grad = None
         try:
