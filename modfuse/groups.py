@@ -166,6 +166,7 @@ class Groups:
         self._layouts: dict[tuple, list[FlatParams]] = {}  # layouts of parameter lists, by parameter ids
         self._capture: dict[int, torch.Tensor] = {}  # id(param) -> bank view its next gradient is copied into
         self._capture_hooks: list = []
+        self._views: dict[tuple, list[torch.Tensor]] = {}  # per-parameter views of persistent buffers
         self.pending: dict[int, torch.Tensor] = {}  # id(p) -> local gradient accumulated under no_sync
         if self.ddp is not None:
             # DDP's reducer expects exactly one backward per forward; the Balancer runs several, so it reduces
@@ -217,9 +218,17 @@ class Groups:
             pool.append(buf)
             if len(pool) > 3:  # the dropped one lives on only through the gradients that view it
                 pool.pop(0)
+                self._views = {}  # its address may come back with another buffer
         if not scratch:
             self._busy.add(_storage(buf))
         return buf.zero_() if zero else buf
+
+    def views(self, layout: FlatParams, flat: torch.Tensor) -> list[torch.Tensor]:
+        """`layout.views(flat)` of a flat row of a persistent buffer, made once (a step reuses the same rows)."""
+        key = (id(layout), flat.data_ptr(), flat.dtype)
+        if key not in self._views:
+            self._views[key] = layout.views(flat)
+        return self._views[key]
 
     def _bank(self, layout: FlatParams, rows: int, purpose: str = "bank", zero: bool = False) -> torch.Tensor:
         return self.buffer((purpose, id(layout)), (rows, layout.numel), layout.dtype, layout.device, zero=zero)
@@ -262,7 +271,7 @@ class Groups:
             self._drop_hooks = weakref.finalize(self, _remove, self._capture_hooks)
         for layouts in banks.values():
             for layout, buf in layouts:
-                for p, view in zip(layout.params, layout.views(buf[0])):
+                for p, view in zip(layout.params, self.views(layout, buf[0])):
                     p.grad = None
                     self._capture[id(p)] = view
         try:
@@ -272,7 +281,7 @@ class Groups:
         reached: set[int] = set()
         for layouts in banks.values():
             for layout, buf in layouts:
-                for p, view in zip(layout.params, layout.views(buf[0])):
+                for p, view in zip(layout.params, self.views(layout, buf[0])):
                     if p.grad is None:
                         view.zero_()  # the collective and the fused ops read the whole bank
                     else:
@@ -413,8 +422,11 @@ class Groups:
         flats = []
         for layout in layouts:
             flat = self._bank(layout, 1, "grads_to_reduce")[0]
-            layout.flatten_into(flat, [p.grad for p in layout.params])
-            for p, view in zip(layout.params, layout.views(flat)):
+            for p, view in zip(layout.params, self.views(layout, flat)):
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
                 if id(p) in self.pending:
                     view.add_(self.pending[id(p)])
             flats.append(flat)
@@ -432,7 +444,7 @@ class Groups:
             return
         flags = iter(reached.tolist())
         for layout, flat in pairs:
-            for p, view in zip(layout.params, layout.views(flat)):
+            for p, view in zip(layout.params, self.views(layout, flat)):
                 p.grad = view if next(flags) > 0 else None
 
     def reduce_grads_(self, params: Sequence[torch.nn.Parameter], weighted=(), summed=()) -> None:
@@ -444,18 +456,28 @@ class Groups:
         self.finish_grads(pairs, reached)
 
     def check_finite(self, params: Sequence[torch.nn.Parameter]) -> list[str]:
-        """Names of the parameters whose `.grad` holds a NaN or Inf: one fused max-abs per dtype, one sync."""
+        """Names of the parameters whose `.grad` holds a NaN or Inf: one fused 2-norm per dtype, one sync.
+
+        A NaN or Inf element makes the 2-norm NaN or Inf, so a finite norm proves a finite tensor; the 2-norm is
+        15-20x faster than the inf-norm on the CPU (`_foreach_norm` has no fast max-abs path there). A norm can
+        also overflow on finite values (16-bit dtypes are accumulated in float32, which cannot; float32 squares
+        can, past 1.8e19), so the few tensors flagged are confirmed with an exact `isfinite` pass."""
         grads = [(p, p.grad) for p in params if p.grad is not None]
         if not grads:
             return []
         local = [g.to_local() if hasattr(g, "to_local") else g for _, g in grads]
-        maxima = torch.stack(
-            [
-                m.double().cpu() if m.device.type != "cpu" else m.double()
-                for m in torch._foreach_norm(local, ord=float("inf"))
-            ]
-        )
-        bad = (~torch.isfinite(maxima)).nonzero().flatten().tolist()
+        by_kind: dict[tuple, list[int]] = {}
+        for i, g in enumerate(local):
+            by_kind.setdefault((g.device, g.dtype), []).append(i)
+        norms: list[torch.Tensor] = []
+        order: list[int] = []
+        for (_, dtype), idx in by_kind.items():
+            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+            found = torch._foreach_norm([local[i] for i in idx], 2, dtype=acc)
+            norms.append(torch.stack(found).to("cpu", torch.float64))
+            order += idx
+        flagged = (~torch.isfinite(torch.cat(norms))).nonzero().flatten().tolist()
+        bad = sorted(order[j] for j in flagged if not bool(torch.isfinite(local[order[j]]).all()))
         return [self.name_of(grads[i][0]) for i in bad]
 
     def _check_replicas(self, broadcast: bool) -> None:

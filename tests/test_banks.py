@@ -152,3 +152,21 @@ def test_a_buffer_held_by_the_gradients_before_a_call_is_not_handed_out():
     assert groups.buffer("x", (4,), torch.float32, "cpu").data_ptr() == first.data_ptr()
     scratch = groups.buffer("y", (2, 3), torch.float64, "cpu", scratch=True)
     assert groups.buffer("y", (2, 3), torch.float64, "cpu", scratch=True).data_ptr() == scratch.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_flags_exactly_the_nonfinite_gradients(dtype, poison):
+    """The fast 2-norm pass must not miss a NaN/Inf, nor flag finite gradients whose 2-norm overflows."""
+    net = SharedHeadNet(DIMS).to(dtype)
+    b = balancer_for(net, "none")
+    big = torch.finfo(dtype).max / 2  # finite, but its square overflows in any dtype
+    for i, p in enumerate(net.parameters()):
+        p.grad = torch.randn(p.shape).to(dtype)
+        if i % 2 == 0:
+            p.grad.view(-1)[-1] = big
+    assert b.groups.check_finite(b.trainable) == []
+    names = [n for n, _ in net.named_parameters()]
+    for i in (0, 3, len(names) - 1):
+        list(net.parameters())[i].grad.view(-1)[0] = poison
+    assert b.groups.check_finite(b.trainable) == [names[i] for i in (0, 3, len(names) - 1)]
