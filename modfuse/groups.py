@@ -352,27 +352,30 @@ class Groups:
         """
         W, (C, D), E = self.world, rows.shape, extra.numel()
         Dw, Ew = -(-D // W), -(-E // W)
-        kw = {"dtype": rows.dtype, "device": rows.device}
-        send = torch.zeros(W, C * Dw + Ew, **kw)
-        padded = torch.zeros(C, W * Dw, **kw)
+        kw = {"dtype": rows.dtype, "device": rows.device, "scratch": True}  # persistent, read back in here only
+        send = self.buffer("scatter_apply_gather.send", (W, C * Dw + Ew), **kw)
+        padded = self.buffer("scatter_apply_gather.padded", (C, W * Dw), **kw)
         padded[:, :D] = rows
-        send[:, : C * Dw] = padded.view(C, W, Dw).transpose(0, 1).reshape(W, C * Dw)
-        tail = torch.zeros(W * Ew, **kw)
+        padded[:, D:] = 0
+        send[:, : C * Dw].view(W, C, Dw).copy_(padded.view(C, W, Dw).transpose(0, 1))
+        tail = self.buffer("scatter_apply_gather.tail", (W * Ew,), **kw)
         tail[:E] = extra
+        tail[E:] = 0
         tail[:extra_weighted] *= self.weight
         send[:, C * Dw :] = tail.view(W, Ew)
-        mine = torch.empty(C * Dw + Ew, **kw)
+        mine = self.buffer("scatter_apply_gather.mine", (C * Dw + Ew,), **kw)
         dist.reduce_scatter_tensor(mine, send.view(-1), op=dist.ReduceOp.SUM)
         # the last rank's slice may hold padding (zeros): `apply` is told how many elements are real
         real = max(0, min(D - self.rank * Dw, Dw))
         out, sums = apply(mine[: C * Dw].view(C, Dw), real)
         payload = torch.cat([out.to(rows.dtype), mine[C * Dw :], sums.to(rows.dtype).reshape(-1)])
-        gathered = torch.empty(W * payload.numel(), **kw)
+        gathered = self.buffer("scatter_apply_gather.gathered", (W * payload.numel(),), **kw)
         dist.all_gather_into_tensor(gathered, payload)
-        gathered = gathered.view(W, -1)
-        result = gathered[:, :Dw].reshape(-1)[:D]
-        extra_out = gathered[:, Dw : Dw + Ew].reshape(-1)[:E]
-        return result, gathered[:, Dw + Ew :].sum(0), extra_out
+        rows_of = gathered.view(W, -1)
+        # the results become `.grad`: never views of the scratch buffer (reshape copies these strided slices)
+        result = _own(rows_of[:, :Dw].reshape(-1)[:D], gathered)
+        extra_out = _own(rows_of[:, Dw : Dw + Ew].reshape(-1)[:E], gathered)
+        return result, rows_of[:, Dw + Ew :].sum(0), extra_out
 
     def shard_range(self, p: torch.nn.Parameter) -> tuple[int, int]:
         """FSDP2: (first element, element count) of this rank's shard of `p` within p's flattened full tensor
@@ -393,22 +396,30 @@ class Groups:
         where each parameter's real local elements sit in mine, summed `replicated`).
         """
         W, C, E = self.world, rows.shape[0], replicated.numel()
+        kw = {"dtype": rows.dtype, "device": rows.device}
         blocks, where, start = [], [], 0
         for p, (a, b) in zip(layout.params, layout._bounds):
             d0 = p.shape[0] if p.dim() else 1
             r = (b - a) // max(d0, 1)
             chunk = -(-d0 // W)
-            padded = torch.zeros(C, W * chunk * r, dtype=rows.dtype, device=rows.device)
-            padded[:, : b - a] = rows[:, a:b]
-            blocks.append(padded.view(C, W, chunk * r))
+            blocks.append((a, b, start, chunk * r))
             local_rows = max(0, min(d0 - self.rank * chunk, chunk))
             where.append((p, start, local_rows * r))
             start += chunk * r
         L = start
-        send = torch.empty(W, C * L + E, dtype=rows.dtype, device=rows.device)
-        send[:, : C * L] = torch.cat(blocks, 2).transpose(0, 1).reshape(W, C * L)
+        # persistent send buffer, each rank's blocks written straight into its row (zero past each d0)
+        send = self.buffer("reduce_scatter_to_shards.send", (W, C * L + E), **kw, scratch=True)
+        body = send[:, : C * L].view(W, C, L)
+        for a, b, at, width in blocks:
+            for w in range(W):
+                lo, hi = a + w * width, min(a + (w + 1) * width, b)
+                real = max(hi - lo, 0)
+                if real:
+                    body[w, :, at : at + real] = rows[:, lo:hi]
+                if real < width:
+                    body[w, :, at + real : at + width] = 0
         send[:, C * L :] = replicated.reshape(1, E)
-        mine = torch.empty(C * L + E, dtype=rows.dtype, device=rows.device)
+        mine = self.buffer("reduce_scatter_to_shards.mine", (C * L + E,), **kw)
         dist.reduce_scatter_tensor(mine, send.view(-1), op=dist.ReduceOp.SUM)
         return mine[: C * L].view(C, L), where, mine[C * L :]
 
@@ -517,6 +528,11 @@ class Groups:
 def _storage(t: torch.Tensor) -> int:
     """The address of the storage a tensor (or a DTensor's local shard) lives in."""
     return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+
+
+def _own(t: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`t`, copied if it is a view of the scratch buffer (which the next step overwrites)."""
+    return t.clone() if t.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr() else t
 
 
 def _capture(groups_ref, p: torch.nn.Parameter) -> None:
