@@ -246,9 +246,9 @@ def write(rows, fills, args, trees):
         f"{args.steps} steps after {args.warmup} (CPU time of the process, and wall time); fresh MB = minor page faults x page size per step.",
         "",
         "| case | "
-        + " | ".join(f"{t} step ms | {t} backward ms | {t} fresh MB/step" for t in trees)
-        + (" | step after/before | fresh after/before |" if len(trees) > 1 else " |"),
-        "|---|" + "---|---|---|" * len(trees) + ("---|---|" if len(trees) > 1 else ""),
+        + " | ".join(f"{t} step CPU ms | {t} backward CPU ms | {t} step wall ms | {t} fresh MB/step" for t in trees)
+        + (" | CPU after/before | wall after/before | fresh after/before |" if len(trees) > 1 else " |"),
+        "|---|" + "---|---|---|---|" * len(trees) + ("---|---|---|" if len(trees) > 1 else ""),
     ]
     lines[-2:-2] = [
         "Filling one ResNet-18 bank (11.2M float32): "
