@@ -6,6 +6,8 @@ Model: bench/step_overhead.py's toy late-fusion model (two MLP encoders, shared 
 256, batch 128, Adam; a bare `loss.backward()` step beside Balancer steps with method "none" and "ogm_ge". Each tree
 runs in its own subprocess, alternating, `--rounds` times; printed is the median over rounds of each run's median
 step CPU time (time.process_time, robust to other processes sharing the cores) and the ratio to the bare step.
+First, in this process: the non-finite gradient check main ran (`_foreach_norm(ord=inf)`) beside this tree's
+`Groups.check_finite` (fused 2-norm + exact confirm) on three parameter sets, min CPU time of 3 x 20 calls.
 """
 
 from __future__ import annotations
@@ -56,6 +58,44 @@ def worker(steps: int) -> dict:
     return out
 
 
+def check_finite_comparison() -> list[tuple[str, float, float, float]]:
+    """(parameter set, millions of elements, ms of main's inf-norm check, ms of Groups.check_finite)."""
+    import torch
+    from torch import nn
+
+    import modfuse
+    from bench.banks import resnet18_encoder
+    from bench.step_overhead import LateFusion
+
+    def inf_norm_check(grads):  # main's Groups.check_finite body
+        maxima = torch.stack([m.double() for m in torch._foreach_norm(grads, ord=float("inf"))])
+        return (~torch.isfinite(maxima)).nonzero().flatten().tolist()
+
+    sets = [
+        ("toy, hidden 256", LateFusion({"pix": 240, "zer": 47}, 256)),
+        ("toy, hidden 1024", LateFusion({"pix": 240, "zer": 47}, 1024)),
+        ("two ResNet-18", nn.ModuleDict({"a": resnet18_encoder(1), "v": resnet18_encoder(3)})),
+    ]
+    out = []
+    for name, model in sets:
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        encoders = {"only": model}
+        groups = modfuse.Balancer(model, encoders=encoders, method="none").groups
+        grads = [p.grad for p in params]
+        best = {}
+        for _ in range(3):
+            for label, check in (("inf", lambda: inf_norm_check(grads)), ("now", lambda: groups.check_finite(params))):
+                check()
+                for _ in range(20):
+                    start = time.process_time()
+                    check()
+                    best[label] = min(best.get(label, 1e9), time.process_time() - start)
+        out.append((name, sum(p.numel() for p in params) / 1e6, best["inf"] * 1e3, best["now"] * 1e3))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="a checkout of the baseline tree (its modfuse/_C*.so built)")
@@ -66,6 +106,13 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args.steps)))
         return
+    import torch
+
+    torch.set_num_threads(1)
+    print("non-finite gradient check, min CPU ms: main's inf-norm vs Groups.check_finite")
+    for name, millions, old, new in check_finite_comparison():
+        print(f"  {name:18s} {millions:6.2f}M elements  {old:8.2f} ms  {new:7.2f} ms  {old / new:5.1f}x")
+    print()
     here = Path(__file__).resolve().parent.parent
     trees = {"after": here} | ({"before": args.before.resolve()} if args.before else {})
     runs: dict[str, list[dict]] = {t: [] for t in trees}
