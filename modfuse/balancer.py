@@ -133,7 +133,7 @@ class Balancer:
             features: modality -> that modality's embedding [N, d_m], with its graph (pmr's prototypes).
         """
         groups = self.groups
-        method_state = copy.deepcopy(self.method.state_dict())
+        method_state = _copy_state(self.method.state_dict())
         step, total, bad_loss, error = None, None, None, None
         # Everything that may differ between ranks is decided locally first, then agreed in one tiny all-reduce,
         # so that ranks raise or skip together instead of leaving the others waiting in a collective.
@@ -171,6 +171,7 @@ class Balancer:
             where = bad_loss or "loss of another rank"
             return self._nonfinite(f"the {where} is NaN or Inf", method_state)
         saved = {p: p.grad for p in self.trainable}
+        groups.hold(saved.values())  # the buffers these live in are not reused by this call
         for p in self.trainable:
             p.grad = None
         try:
@@ -246,7 +247,7 @@ class Balancer:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
             counters[key] = value
-        before = copy.deepcopy(self.method.state_dict())
+        before = _copy_state(self.method.state_dict())
         try:
             self.method.load_state_dict(state.get("method_state", {}))
         except BaseException:
@@ -310,6 +311,9 @@ class Balancer:
     def _nonfinite_loss(self, step: Step, total: torch.Tensor) -> str | None:
         """One host sync: the name of the first NaN/Inf loss, or None."""
         named = step.named_losses() + [("total objective", total)]
+        if all(t.device == total.device for _, t in named):  # one isfinite pass over all of them
+            if bool(torch.isfinite(torch.cat([t.detach().reshape(-1) for _, t in named])).all()):
+                return None
         flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
         if bool(flags.all()):
             return None
@@ -347,6 +351,8 @@ class Balancer:
         """Gradient accumulation: add what .grad held before the call to this call's contribution (except what a
         synced call already reduced together with its own, after no_sync())."""
         groups = self.groups
+        if not groups.pending and all(old is None for old in saved.values()):
+            return  # the usual step after zero_grad(set_to_none=True): nothing to add
         consumed = set(groups.pending) if groups.synced else set()
         if groups.synced:
             groups.pending = {}
@@ -361,3 +367,17 @@ class Balancer:
                 olds.append(old)
         if news:
             torch._foreach_add_(news, olds)
+
+
+def _copy_state(state):
+    """A copy of a method's state_dict for rollback: tensors cloned, containers rebuilt, the rest deep-copied
+    (copy.deepcopy's generic path costs more than the tensors it copies)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _copy_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)) and type(state) in (list, tuple):
+        return type(state)(_copy_state(v) for v in state)
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    return copy.deepcopy(state)

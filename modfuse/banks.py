@@ -65,12 +65,15 @@ class MomentBank:
     Summing them over ranks (modfuse.groups) gives the statistics of the global batch.
     """
 
-    def __init__(self, layout: FlatParams, rows: int):
+    def __init__(self, layout: FlatParams, rows: int, allocate=None):
+        """`allocate(purpose, shape, dtype, device)` gives zeroed buffers (default: fresh ones; the methods pass
+        Groups.buffer so that the banks persist across steps)."""
         self.layout = layout
         acc = reference.accumulation_dtype(layout.dtype)
-        self.S1 = torch.zeros(rows, layout.numel, device=layout.device, dtype=acc)
-        self.S2 = torch.zeros_like(self.S1)
-        self.n = torch.zeros(rows, device=layout.device, dtype=acc)
+        allocate = allocate or (lambda _, shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+        self.S1 = allocate(("S1", id(layout)), (rows, layout.numel), acc, layout.device)
+        self.S2 = allocate(("S2", id(layout)), (rows, layout.numel), acc, layout.device)
+        self.n = allocate(("n", id(layout)), (rows,), acc, layout.device)
 
     def zero_(self) -> None:
         self.S1.zero_()

@@ -140,6 +140,12 @@ def reduce_encoder_banks(groups: Groups, total: torch.Tensor, rows: int = 1, sum
     collective for the banks, every other gradient and `summed`; unreached parameters end with `.grad = None`."""
     banks, reached = groups.backward_into_banks(total, rows)
     entries = [(layout, buf) for layouts in banks.values() for layout, buf in layouts]
+    if not groups.distributed or not groups.synced:  # no collective: reached here is reached everywhere
+        for layout, _ in entries:
+            for p in layout.params:
+                if id(p) not in reached:
+                    p.grad = None
+        return banks
     flags = [
         torch.tensor([float(id(p) in reached) for p in layout.params], dtype=buf.dtype, device=buf.device)
         for layout, buf in entries

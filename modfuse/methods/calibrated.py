@@ -180,7 +180,7 @@ class Calibrated(Method):
         ]
         rows = [(name, local.get(name)) for name in names]
         N = next(loss.shape[0] for loss in local.values())
-        banks = [MomentBank(layout, len(rows)) for layout in self.layouts]
+        banks = [MomentBank(layout, len(rows), self._zeroed) for layout in self.layouts]
         reached: set[int] = set()
         if self.moments == "microbatch":
             self._microbatch_moments(rows, N, banks, reached, step)
@@ -308,6 +308,10 @@ class Calibrated(Method):
                     local.copy_(out[start : start + numel].view_as(local))
             self._last.append((names, sums))
 
+    def _zeroed(self, purpose, shape, dtype, device):
+        """Zeroed moment banks, persistent across steps (Groups.buffer)."""
+        return self.groups.buffer(("calibrated", purpose), shape, dtype, device, zero=True)
+
     def _count(self, step, name, N):
         """n of a bank row over all ranks: samples (per_sample) or micro-batches (K per rank that has the row)."""
         if self.moments == "per_sample":
@@ -317,7 +321,10 @@ class Calibrated(Method):
     def _microbatch_moments(self, rows, N, banks, reached, step):
         params = [p for layout in self.layouts for p in layout.params]
         bounds = torch.linspace(0, N, self.K + 1).round().long().tolist()
-        scratch = [layout.grad_rows(1)[0] for layout in self.layouts]
+        scratch = [
+            self.groups.buffer(("calibrated", id(layout)), (layout.numel,), layout.dtype, layout.device, scratch=True)
+            for layout in self.layouts
+        ]
         for r, (name, loss) in enumerate(rows):
             if loss is None:
                 continue

@@ -88,7 +88,8 @@ class MMPareto(Method):
             for layout in layouts:
                 g_m = groups.grads(step.mean(step.unimodal[m]), layout.params)
                 g_mm = [by_param[id(p)] for p in layout.params]
-                X = layout.grad_rows(3)  # g_mm, g_m, and room for g_mm + g_m
+                # g_mm, g_m, and room for g_mm + g_m; persistent, row 1 ends as `.grad` (rescale="tensor")
+                X = groups.buffer(("mmpareto", id(layout)), (3, layout.numel), layout.dtype, layout.device)
                 layout.flatten_into(X[0], g_mm)
                 layout.flatten_into(X[1], g_m)
                 reached = torch.tensor(
