@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -215,21 +214,24 @@ def segment_scale_(x, offsets, scale, noise_std=None, seed=0, offset=0):
 # Op 6's noise stream (csrc/philox_normal.h, line by line) ---------------------------------------------------------
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-_U32 = np.uint64(0xFFFFFFFF)
+_U32 = 0xFFFFFFFF  # numpy is imported where the stream is drawn: `import modfuse` needs only torch
 
 
-def philox4x32_10(counter, key) -> np.ndarray:
+def philox4x32_10(counter, key):
     """Philox4x32-10 (Random123's philox4x32, R = 10) of counters [N, 4] under keys [N, 2] (uint32 words, any
     array-like), as uint32 [N, 4]. uint32 products are formed in uint64, where they cannot overflow."""
+    import numpy as np
+
+    U32 = np.uint64(_U32)
     c = [np.asarray(counter, dtype=np.uint64).reshape(-1, 4)[:, i].copy() for i in range(4)]
     k = np.asarray(key, dtype=np.uint64).reshape(-1, 2)
     k0, k1 = k[:, 0].copy(), k[:, 1].copy()
     m0, m1 = np.uint64(_PHILOX_M[0]), np.uint64(_PHILOX_M[1])
     for _ in range(10):
         p0, p1 = m0 * c[0], m1 * c[2]
-        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _U32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _U32]
-        k0 = (k0 + np.uint64(_PHILOX_W[0])) & _U32
-        k1 = (k1 + np.uint64(_PHILOX_W[1])) & _U32
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & U32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & U32]
+        k0 = (k0 + np.uint64(_PHILOX_W[0])) & U32
+        k1 = (k1 + np.uint64(_PHILOX_W[1])) & U32
     return np.stack(c, 1).astype(np.uint32)
 
 
@@ -258,12 +260,15 @@ def normal_noise(D: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.
     """The standard normals z_d, d < D, of docs/math.md Op 6 in `dtype` (float32 or float64), on the CPU: Philox4x32-10
     with key = seed and counter = offset + d (mod 2^64), then Box-Muller with the kernels' own log and cos series,
     every operation separately rounded in `dtype` as in csrc/philox_normal.h."""
+    import numpy as np
+
+    U32 = np.uint64(_U32)
     wide = dtype == torch.float64
     bits = 53 if wide else 24
     d = np.arange(D, dtype=np.uint64) + np.uint64(offset % 2**64)  # wraps mod 2^64, as the kernels' counters
     seed = seed % 2**64
     words = philox4x32_10(
-        np.stack([d & _U32, d >> np.uint64(32), np.zeros_like(d), np.zeros_like(d)], 1),
+        np.stack([d & U32, d >> np.uint64(32), np.zeros_like(d), np.zeros_like(d)], 1),
         np.broadcast_to(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64), (D, 2)),
     ).astype(np.uint64)
     if wide:  # two 53-bit integers from the four words

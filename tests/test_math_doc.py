@@ -83,7 +83,7 @@ def test_every_method_has_a_section_with_its_options_and_defaults(name):
     sections = _sections()
     assert name in sections, f"docs/math.md has no '### {name}' section"
     documented = _documented_defaults(sections[name])
-    for option, default in _defaults(methods._REGISTRY[name].__init__).items():
+    for option, default in _defaults(methods.get(name).__init__).items():
         assert option in documented, f"docs/math.md '{name}' does not give the option {option}={default!r}"
         assert documented[option] == default, (
             f"{name}: docs/math.md says {option}={documented[option]!r}, the code {default!r}"

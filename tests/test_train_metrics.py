@@ -139,7 +139,7 @@ def test_compare_has_a_row_for_every_registered_method():
 def test_method_options_come_from_the_constructor_signature():
     for name in METHODS:
         options = method_options(Config(method=name, seed=7), "kar", 22)
-        accepted = inspect.signature(modfuse.methods._REGISTRY[name].__init__).parameters
+        accepted = inspect.signature(modfuse.methods.get(name).__init__).parameters
         assert set(options) <= set(accepted)
         assert options.get("seed", 7) == 7
     assert method_options(Config(method="utilization", seed=7), "kar", 22) == dict(

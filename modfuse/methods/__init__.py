@@ -181,6 +181,14 @@ def create(name: str, groups: Groups, **options) -> Method:
     return cls(groups, **options)
 
 
+def get(name: str) -> type[Method]:
+    """The class registered as `name` (its `requires`, options and defaults), for callers that inspect methods."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(map(repr, sorted(_REGISTRY)))}")
+    return _REGISTRY[name]
+
+
 def names() -> list[str]:
     _load_all()
     return sorted(_REGISTRY)

@@ -10,14 +10,14 @@ from pathlib import Path
 import tomllib
 import torch
 
-from modfuse.methods import _REGISTRY, names
+from modfuse.methods import get, names
 from modfuse.train.metrics import NOISE_VARIANCES
 from modfuse.train.models import FUSIONS
 
 METHODS = tuple(names())  # every registered method (modfuse.methods.register)
 # Methods whose objective includes each modality's own loss (so the comparison shows a fused+unimodal control):
 # those that require unimodal= losses, and calibrated (it weighs them when given; the trainer always gives them).
-UNIMODAL_METHODS = tuple(m for m in METHODS if m == "calibrated" or "unimodal" in _REGISTRY[m].requires)
+UNIMODAL_METHODS = tuple(m for m in METHODS if m == "calibrated" or "unimodal" in get(m).requires)
 DEFAULT_VIEWS = {
     "mfeat": ["kar", "mor"],
     "basicmotions": ["accelerometer", "gyroscope"],

@@ -121,7 +121,7 @@ def method_options(config: Config, dominant: str, steps_per_epoch: int) -> dict:
     """The method's options: the user's, plus what the run knows for any method whose constructor takes it
     (seed: the run's seed; dominant: the followed modality; steps_per_epoch), so a new method needs no entry here."""
     options = dict(config.options)
-    accepted = inspect.signature(modfuse.methods._REGISTRY[config.method].__init__).parameters
+    accepted = inspect.signature(modfuse.methods.get(config.method).__init__).parameters
     for name, value in (("seed", config.seed), ("dominant", dominant), ("steps_per_epoch", steps_per_epoch)):
         if name in accepted:
             options.setdefault(name, value)

@@ -2,7 +2,7 @@
 real data and in the settings issue 16 lists. Writes the derived data sets as .npz files and runs
 `modfuse-train compare --only` on each; prints one markdown table.
 
-    PYTHONPATH=. python docs/calibrated_settings.py --out runs/calibrated-settings [--seeds 3] [--jobs 2]
+    python -m bench.calibrated_settings --out runs/calibrated-settings [--seeds 3] [--jobs 2]
 
 Settings (each: the rows none + unimodal (control), calibrated, calibrated evidence=precision; every other option
 the trainer's default (30 epochs, batch 64), noise sweep on the first modality at test time):
