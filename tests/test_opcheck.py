@@ -19,7 +19,9 @@ def rand(*shape, dtype=torch.float32):
 
 CASES = {
     "segment_sq_norms": lambda dt: (rand(3, 17, dtype=dt), torch.tensor([0, 5, 5, 17])),
-    "tensor_sq_norms": lambda dt: ([rand(3, 17, dtype=dt), rand(1, dtype=dt).reshape(()), rand(4, 5, 2, dtype=dt).transpose(0, 2)],),
+    "tensor_sq_norms": lambda dt: (
+        [rand(3, 17, dtype=dt), rand(1, dtype=dt).reshape(()), rand(4, 5, 2, dtype=dt).transpose(0, 2)],
+    ),
     "moments": lambda dt: (rand(3, 4, 17, dtype=dt),),
     "moments_accumulate_": lambda dt: (torch.zeros(3, 17), torch.zeros(3, 17), rand(3, 17, dtype=dt)),
     "linear_moments": lambda dt: (rand(5, 3, 7, dtype=dt), rand(5, 3, 4, dtype=dt)),
