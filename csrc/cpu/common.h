@@ -14,9 +14,19 @@
 
 namespace modfuse::cpu {
 
-// Lanes per tile: 64 bytes of the accumulation type (one AVX-512 register, two AVX2 ones). Inner loops over a
-// fixed number of lanes with per-lane accumulators vectorize without -ffast-math reassociation.
-template <typename A> constexpr int kLanes = 64 / int(sizeof(A));
+// Bytes per tile: one register of the widest vector unit the target has. Wider GCC vectors than the registers
+// (64 bytes on AVX2) are kept on the stack by GCC 12: a 64-byte sum of squares ran 17x slower than a 32-byte one
+// on an AVX2 EPYC (README, ops performance).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;  // SSE2, NEON
+#endif
+// Lanes per tile: one register of the accumulation type. Inner loops over a fixed number of lanes with per-lane
+// accumulators vectorize without -ffast-math reassociation.
+template <typename A> constexpr int kLanes = kVecBytes / int(sizeof(A));
 
 inline float load(float v) { return v; }
 inline double load(double v) { return v; }
@@ -51,10 +61,10 @@ template <> inline c10::Half store<c10::Half>(float v) {
 }
 
 // One tile of kLanes accumulation-type values as a GCC/Clang vector: arithmetic, comparisons and ?: act lane by
-// lane and compile to the widest vectors the target has (AVX-512, AVX2 pairs, SSE quads) with no intrinsics.
+// lane and compile to one register of the target (AVX-512, AVX2 or SSE) with no intrinsics.
 // (The attribute must sit on concrete typedefs: GCC ignores it on a dependent template type.)
-typedef float VecFloat __attribute__((vector_size(64)));
-typedef double VecDouble __attribute__((vector_size(64)));
+typedef float VecFloat __attribute__((vector_size(kVecBytes)));
+typedef double VecDouble __attribute__((vector_size(kVecBytes)));
 template <typename A> struct VecOf;
 template <> struct VecOf<float> { using type = VecFloat; };
 template <> struct VecOf<double> { using type = VecDouble; };
@@ -64,8 +74,8 @@ template <typename A> using Vec = typename VecOf<A>::type;
 inline Vec<float> load_vec(const float* p) { Vec<float> v; std::memcpy(&v, p, sizeof v); return v; }
 inline Vec<double> load_vec(const double* p) { Vec<double> v; std::memcpy(&v, p, sizeof v); return v; }
 inline Vec<float> load_vec(const c10::BFloat16* p) {
-  typedef uint16_t U16 __attribute__((vector_size(32)));
-  typedef uint32_t U32 __attribute__((vector_size(64)));
+  typedef uint16_t U16 __attribute__((vector_size(kVecBytes / 2)));
+  typedef uint32_t U32 __attribute__((vector_size(kVecBytes)));
   U16 bits;
   std::memcpy(&bits, p, sizeof bits);
   const U32 wide = __builtin_convertvector(bits, U32) << 16;
@@ -75,13 +85,13 @@ inline Vec<float> load_vec(const c10::BFloat16* p) {
 }
 inline Vec<float> load_vec(const c10::Half* p) {
 #ifdef __FLT16_MAX__
-  typedef _Float16 H16 __attribute__((vector_size(32)));
+  typedef _Float16 H16 __attribute__((vector_size(kVecBytes / 2)));
   H16 h;
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, Vec<float>);
 #else
   Vec<float> v;
-  for (int l = 0; l < 16; ++l) v[l] = float(p[l]);
+  for (int l = 0; l < kLanes<float>; ++l) v[l] = float(p[l]);
   return v;
 #endif
 }
@@ -90,9 +100,9 @@ inline Vec<float> load_vec(const c10::Half* p) {
 inline void store_vec(float* p, Vec<float> v) { std::memcpy(p, &v, sizeof v); }
 inline void store_vec(double* p, Vec<double> v) { std::memcpy(p, &v, sizeof v); }
 inline void store_vec(c10::BFloat16* p, Vec<float> v) {
-  typedef uint16_t U16 __attribute__((vector_size(32)));
-  typedef uint32_t U32 __attribute__((vector_size(64)));
-  typedef int32_t I32 __attribute__((vector_size(64)));
+  typedef uint16_t U16 __attribute__((vector_size(kVecBytes / 2)));
+  typedef uint32_t U32 __attribute__((vector_size(kVecBytes)));
+  typedef int32_t I32 __attribute__((vector_size(kVecBytes)));
   U32 u;
   std::memcpy(&u, &v, sizeof u);
   const U32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -103,11 +113,11 @@ inline void store_vec(c10::BFloat16* p, Vec<float> v) {
 }
 inline void store_vec(c10::Half* p, Vec<float> v) {
 #ifdef __FLT16_MAX__
-  typedef _Float16 H16 __attribute__((vector_size(32)));
+  typedef _Float16 H16 __attribute__((vector_size(kVecBytes / 2)));
   const H16 h = __builtin_convertvector(v, H16);
   std::memcpy(p, &h, sizeof h);
 #else
-  for (int l = 0; l < 16; ++l) p[l] = c10::Half(v[l]);
+  for (int l = 0; l < kLanes<float>; ++l) p[l] = c10::Half(v[l]);
 #endif
 }
 

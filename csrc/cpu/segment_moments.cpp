@@ -9,11 +9,11 @@ namespace modfuse::cpu {
 
 constexpr int64_t kMomentsBlock = 32768;  // a long segment is split so that both cores share it
 
-// Eight float64 lanes (one AVX-512 register, two AVX2 ones): the tile converts to double before it adds.
+// One float64 tile (kLanes<double> lanes, one register): the tile converts to double before it adds.
 template <typename T>
-inline Vec<double> load_double8(const T* p) {
+inline Vec<double> load_double_tile(const T* p) {
   Vec<double> v;
-  for (int l = 0; l < 8; ++l) v[l] = double(load(p[l]));
+  for (int l = 0; l < kLanes<double>; ++l) v[l] = double(load(p[l]));
   return v;
 }
 
@@ -28,8 +28,8 @@ void segment_moments(const T* x, int64_t R, int64_t D, const int64_t* offsets, i
     const T* row = x + r * D;
     Vec<double> s1 = {}, s2 = {};
     int64_t d = blk.begin;
-    for (; d + 8 <= blk.end; d += 8) {
-      const Vec<double> v = load_double8(row + d);
+    for (; d + kLanes<double> <= blk.end; d += kLanes<double>) {
+      const Vec<double> v = load_double_tile(row + d);
       s1 += v;
       s2 += v * v;
     }

@@ -10,57 +10,16 @@ namespace modfuse::cpu {
 
 constexpr int64_t kTensorBlock = 32768;  // a long tensor is split so that both cores share it
 
-// Native-width vectors: GCC 12 keeps a 64-byte vector accumulator (common.h's Vec) on the stack on a CPU
-// without AVX-512 (measured on this AVX2 EPYC: 0.4 values/ns against 6-10 with register-wide vectors), so this
-// loop uses vectors of the machine's register width and four independent accumulators.
-#ifdef __AVX512F__
-constexpr int kNativeBytes = 64;
-#else
-constexpr int kNativeBytes = 32;
-#endif
-typedef float NativeFloat __attribute__((vector_size(kNativeBytes)));
-typedef double NativeDouble __attribute__((vector_size(kNativeBytes)));
-template <typename A> struct NativeOf;
-template <> struct NativeOf<float> { using type = NativeFloat; };
-template <> struct NativeOf<double> { using type = NativeDouble; };
-template <typename A> using Native = typename NativeOf<A>::type;
-template <typename A> constexpr int kNativeLanes = kNativeBytes / int(sizeof(A));
-
-inline NativeFloat load_native(const float* p) { NativeFloat v; std::memcpy(&v, p, sizeof v); return v; }
-inline NativeDouble load_native(const double* p) { NativeDouble v; std::memcpy(&v, p, sizeof v); return v; }
-inline NativeFloat load_native(const c10::BFloat16* p) {
-  typedef uint16_t U16 __attribute__((vector_size(kNativeBytes / 2)));
-  typedef uint32_t U32 __attribute__((vector_size(kNativeBytes)));
-  U16 bits;
-  std::memcpy(&bits, p, sizeof bits);
-  const U32 wide = __builtin_convertvector(bits, U32) << 16;  // bfloat16 is the top half of a float32
-  NativeFloat v;
-  std::memcpy(&v, &wide, sizeof v);
-  return v;
-}
-inline NativeFloat load_native(const c10::Half* p) {
-#ifdef __FLT16_MAX__
-  typedef _Float16 H16 __attribute__((vector_size(kNativeBytes / 2)));
-  H16 h;
-  std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, NativeFloat);
-#else
-  NativeFloat v;
-  for (int l = 0; l < kNativeLanes<float>; ++l) v[l] = float(p[l]);
-  return v;
-#endif
-}
-
-// Sum of x[begin, end)^2: four vector accumulators, the tail in double, lanes added in double.
+// Sum of x[begin, end)^2: four one-register accumulators (common.h's Vec), the tail and the lanes added in double.
 template <typename T>
 double span_sum_sq(const T* x, int64_t begin, int64_t end) {
   using A = acc_t<T>;
-  constexpr int L = kNativeLanes<A>;
-  Native<A> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  constexpr int L = kLanes<A>;
+  Vec<A> a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t d = begin;
   for (; d + 4 * L <= end; d += 4 * L) {
-    const Native<A> v0 = load_native(x + d), v1 = load_native(x + d + L);
-    const Native<A> v2 = load_native(x + d + 2 * L), v3 = load_native(x + d + 3 * L);
+    const Vec<A> v0 = load_vec(x + d), v1 = load_vec(x + d + L);
+    const Vec<A> v2 = load_vec(x + d + 2 * L), v3 = load_vec(x + d + 3 * L);
     a0 += v0 * v0;
     a1 += v1 * v1;
     a2 += v2 * v2;
@@ -68,7 +27,7 @@ double span_sum_sq(const T* x, int64_t begin, int64_t end) {
   }
   double sum = 0;
   for (; d < end; ++d) sum += double(load(x[d])) * load(x[d]);
-  const Native<A> a = (a0 + a1) + (a2 + a3);
+  const Vec<A> a = (a0 + a1) + (a2 + a3);
   A lanes[L];
   std::memcpy(lanes, &a, sizeof lanes);
   for (int l = 0; l < L; ++l) sum += lanes[l];
