@@ -1,0 +1,74 @@
+"""Smoke test of `python -m bench.step_overhead --small` (issue 15's side-by-side step benchmark): it runs end to
+end, every peer passes its correctness check against modfuse, and it writes its table; and the check does catch a
+peer that computes something else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bench.step_overhead as so
+
+SMALL = ["--small", "--rounds", "1", "--warmup", "0"]
+
+
+def test_small_end_to_end(tmp_path):
+    stem = so.main([*SMALL, "--out", str(tmp_path)])
+    record = json.loads(stem.with_suffix(".json").read_text())
+    rows, env = record["results"], record["environment"]
+    assert stem.name.endswith("-step-overhead-small")
+    names = {r["competitor"] for r in rows}
+    expected = {
+        "plain loss.backward()",
+        "modfuse none",
+        "modfuse ogm_ge",
+        "official per-parameter loop",
+        "modfuse greedy",
+        "per-parameter norm loop",
+        "torch._foreach_norm",
+        "modfuse mmpareto",
+        "authors' code (4 backwards)",
+        "lean eager (3 backwards)",
+        "modfuse calibrated per_sample",
+    }
+    assert expected <= names
+    for r in rows:
+        assert r["step_ms"] > 0 and r["fresh_MB"] >= 0, r
+        if not r["modfuse"]:
+            assert r["step_ratio"] > 0, r
+    assert env["checks"] and all(c["ok"] for c in env["checks"])
+    assert {c["method"] for c in env["checks"]} == {"none", "ogm_ge", "greedy", "mmpareto"} | (
+        {"calibrated"} if any(r["method"] == "calibrated" and not r["modfuse"] for r in rows) else set()
+    )
+    assert {g["method"] for g in env["goals"]} >= {"ogm_ge", "greedy", "mmpareto"}
+    table = stem.with_suffix(".md").read_text()
+    assert "| ogm_ge | **modfuse ogm_ge** |" in table and "## Goals (issue 15)" in table
+
+
+def test_model_is_the_issues_resnet18():
+    net = so.TwoResNets()
+    for m in net.enc:
+        params = list(net.enc[m].parameters())
+        assert len(params) == 60
+        assert abs(sum(p.numel() for p in params) - 11.17e6) < 0.02e6
+
+
+@pytest.mark.parametrize("wrong", ["greedy speeds", "mmpareto gradients"])
+def test_check_catches_a_wrong_peer(tmp_path, monkeypatch, wrong):
+    if wrong == "greedy speeds":
+        statistic = so.GreedyPeer.statistic
+        monkeypatch.setattr(so.GreedyPeer, "statistic", lambda self: statistic(self) * 1.001)
+    else:
+        gradients = so.MMParetoLean.gradients
+
+        def off(self, batch):
+            gradients(self, batch)
+            with torch.no_grad():
+                self.net.head[0].weight.grad[0, 0] += 1.0
+
+        monkeypatch.setattr(so.MMParetoLean, "gradients", off)
+    with pytest.raises(AssertionError, match="peers disagree with modfuse"):
+        so.main([*SMALL, "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
