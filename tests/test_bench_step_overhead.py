@@ -4,6 +4,7 @@ peer that computes something else."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import bench.step_overhead as so
 
-SMALL = ["--small", "--rounds", "1", "--warmup", "0"]
+SMALL = ["--small", "--rounds", "1", "--warmup", "0", "--alone-steps", "0"]
 
 
 def test_small_end_to_end(tmp_path):
@@ -35,7 +36,7 @@ def test_small_end_to_end(tmp_path):
     }
     assert expected <= names
     for r in rows:
-        assert r["step_ms"] > 0 and r["fresh_MB"] >= 0, r
+        assert r["step_ms"] > 0 and r["fresh_MB_interleaved"] >= 0 and r["fresh_MB"] is None, r
         if not r["modfuse"]:
             assert r["step_ratio"] > 0, r
     assert env["checks"] and all(c["ok"] for c in env["checks"])
@@ -45,6 +46,18 @@ def test_small_end_to_end(tmp_path):
     assert {g["method"] for g in env["goals"]} >= {"ogm_ge", "greedy", "mmpareto"}
     table = stem.with_suffix(".md").read_text()
     assert "| ogm_ge | **modfuse ogm_ge** |" in table and "## Goals (issue 15)" in table
+
+
+def test_alone_runs_in_a_fresh_process():
+    """The fresh-page pass: one competitor in a spawned process (the rest of the pass is the same call per name)."""
+    net = so.TwoResNets(4)
+    args = argparse.Namespace(
+        device="cpu", width=4, size=16, batch=4, lr=1e-3, warmup=1, alone_steps=2, threads=1, small=True
+    )
+    table = [("none", [so.Plain("plain loss.backward()", net, args)])]
+    out = so.measure_alone(table, args)
+    steps = out["plain loss.backward()"]
+    assert len(steps) == 2 and all(ms > 0 and mb >= 0 for ms, mb in steps)
 
 
 def test_model_is_the_issues_resnet18():
