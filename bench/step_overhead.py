@@ -36,7 +36,9 @@ an order reversed every other round to cancel drift):
   that runs this method only; interleaved with eleven other competitors, the process's heap holds their freed
   memory and hides most first touches (the interleaved counts are kept in the JSON as fresh_MB_interleaved).
 Ratios are peer / modfuse (> 1: modfuse is faster). Before timing, every peer's gradients (or statistic) are
-checked against modfuse's on the same inputs and parameters; a mismatch aborts the run.
+checked against modfuse's on the same inputs and parameters (ogm_ge: the step without GE, the noise differing by
+construction; then, on both sides, the GE noise's std per conv weight against that gradient's std; greedy: the
+speeds); a mismatch aborts the run.
 """
 
 from __future__ import annotations
@@ -504,6 +506,33 @@ def compare_grads(ours, theirs, parts, tol):
     return worst
 
 
+def check_noise(noisy, quiet, batch, base, args, tol=0.15):
+    """OGM-GE's noise, both sides: (step with GE - the same step without GE) per conv weight has the std of that
+    tensor's unscaled gradient (the plain fused-loss gradient). noisy, quiet: [modfuse, official] with and without GE
+    (quiet ones already hold their gradients); tensors of >= 2000 elements, where a std estimate is within a few %."""
+    plain = Plain("plain", base, args)
+    plain.gradients(batch)
+    expected = grads_of(plain)
+    out = []
+    for with_ge, without in zip(noisy, quiet):
+        with_ge.optimizer.zero_grad(set_to_none=True)
+        with_ge.gradients(batch)
+        a, b = grads_of(with_ge), grads_of(without)
+        ratios = [
+            float((a[n] - b[n]).std() / expected[n].std())
+            for n in a
+            if n.startswith("enc.") and a[n].dim() == 4 and a[n].numel() >= 2000
+        ]
+        err = max(abs(r - 1) for r in ratios)
+        ok = err <= tol
+        name = f"{with_ge.name}: GE noise"
+        what = "noise std / gradient std"
+        out.append({"method": "ogm_ge", "peer": name, "compared": what, "max_rel_err": err, "ok": ok})
+        print(f"check ogm_ge     {name:42s} {what}: {min(ratios):.3f}..{max(ratios):.3f} {'ok' if ok else 'MISMATCH'}")
+        with_ge.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def check(table, batch, base, args):
     """Gradients (or the speed statistic) of every peer against modfuse's, once, from the same state."""
     parts = [f"enc.{m}." for m in base.enc] + ["head."]
@@ -520,6 +549,8 @@ def check(table, batch, base, args):
             c.optimizer.zero_grad(set_to_none=True)
             c.gradients(batch)
         reference_grads = grads_of(ours)
+        if method == "ogm_ge":
+            results += check_noise(group[:2], [ours, peers[0]], batch, base, args)
         for peer in peers:
             if method == "greedy":
                 err = rel_err(peer.statistic().double(), ours.statistic().double())
@@ -754,7 +785,8 @@ def main(argv=None):
         "",
         *targets,
         "",
-        "Correctness checks before timing (max relative error of the peer against modfuse, per encoder and head):",
+        "Correctness checks before timing (max relative error of the peer against modfuse over each encoder and the "
+        "head; GE noise: max |noise std / gradient std - 1| over the conv weights of >= 2000 elements):",
         "",
         *[f"- {c['method']}: {c['peer']}: {c['compared']} {c['max_rel_err']:.1e}" for c in checks],
     ]
