@@ -85,3 +85,18 @@ def test_check_catches_a_wrong_peer(tmp_path, monkeypatch, wrong):
     with pytest.raises(AssertionError, match="peers disagree with modfuse"):
         so.main([*SMALL, "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_peer_min_norm_solver_is_modfuse_s():
+    """The MMPareto peers' two-vector solver (the authors') against modfuse's on conflicting and edge cases; the
+    benchmark's random data rarely conflicts, so its gradient check seldom reaches this branch."""
+    from modfuse.methods.mmpareto import min_norm_weight
+
+    g = torch.Generator().manual_seed(0)
+    cases = [(1.0, -0.5, 2.0), (1.0, 1.0, 3.0), (3.0, 1.0, 1.0), (0.0, 0.0, 1.0), (2.0, -2.0, 2.0)]
+    for _ in range(200):
+        x, y = torch.randn(2, 5, generator=g, dtype=torch.float64)
+        cases.append((float(x @ x), float(x @ y), float(y @ y)))
+    for a, ab, b in cases:
+        ours = float(min_norm_weight(*(torch.tensor(v, dtype=torch.float64) for v in (a, ab, b))))
+        assert so.min_norm_from2(a, ab, b) == pytest.approx(ours, rel=1e-12, abs=1e-15), (a, ab, b)
