@@ -1,7 +1,7 @@
 """Every method's training step beside the eager code it replaces, side by side in one run, printed as ratios
 (issue 15). Writes bench/results/<date>-<device>-step-overhead[-small].{json,md} through bench/harness.py.
 
-    python -m bench.step_overhead                  # the issue's model on the CPU (a few minutes on 2 cores)
+    python -m bench.step_overhead                  # the issue's model on the CPU (~10 min on 2 busy cores)
     python -m bench.step_overhead --small          # a toy model of the same shape, for quick runs and CI
     python -m bench.step_overhead --device cuda    # the same table on a GPU
 
@@ -9,7 +9,7 @@ Model (the issue's): two ResNet-18 encoders written out here (torchvision is not
 1-channel spectrogram-like input and "visual" on 3-channel frames, 11.2M parameters and 60 tensors each; a shared
 head Linear(512, 512)-ReLU-Linear(512, classes) applied to each embedding (unimodal logits) and to their mean
 (fused logits); batch 4, SGD. The input size does not change the parameter count (what the methods' own work
-scales with), only the forward/backward cost; --size picks it.
+scales with), only the forward/backward cost; --size picks it. --rounds and --alone-steps trade time for noise.
 
 One step = optimizer.zero_grad() (set_to_none=True, torch's default; --zero-grad zero keeps zeroed buffers),
 forward, the method's gradients, SGD step (and a device sync). Competitors:
