@@ -25,20 +25,12 @@ import argparse
 import torch
 
 import modfuse as mf
+from bench.cases import RESNET18_SIZES
 from bench.harness import Timer
 from modfuse.methods.ogm_ge import OGMGE
 
 # ResNet-18's conv and BN tensors (the 60 of RESNET18_SIZES before the fc layer): 11,176,512 elements.
-SIZES = (
-    [9408, 64, 64]
-    + [36864, 64, 64] * 4
-    + [73728, 128, 128, 147456, 128, 128, 8192, 128, 128]
-    + [147456, 128, 128] * 2
-    + [294912, 256, 256, 589824, 256, 256, 32768, 256, 256]
-    + [589824, 256, 256] * 2
-    + [1179648, 512, 512, 2359296, 512, 512, 131072, 512, 512]
-    + [2359296, 512, 512] * 2
-)
+SIZES = RESNET18_SIZES[:60]
 K = 0.6
 
 
