@@ -54,6 +54,9 @@ class Balancer:
             FloatingPointError ("raise"). Under torch.distributed all ranks decide together.
         replicas: under a plain process group, "check" (default) raises at construction if the parameters differ
             between ranks, "broadcast" copies rank 0's, "trust" does neither (DDP and FSDP2 handle it themselves).
+        bucket_cap_mb: under a plain process group or DDP, the megabytes of gradients per all-reduce (default 25,
+            DDP's): methods whose step is one plain backward start each bucket's all-reduce during the backward,
+            as soon as its gradients are in (`float("inf")`: one all-reduce per dtype when the backward ends).
         **options: the method's options (see its class docstring), e.g. alpha=0.8 for "ogm_ge".
 
     The Balancer is a context manager; `close()` (or leaving the `with` block) removes its hooks from the model
@@ -69,6 +72,7 @@ class Balancer:
         *,
         on_nonfinite: str = "skip",
         replicas: str = "check",
+        bucket_cap_mb: float = 25.0,
         **options,
     ):
         if not isinstance(model, torch.nn.Module):
@@ -83,7 +87,7 @@ class Balancer:
         self.steps = 0  # steps taken (skipped steps not counted)
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.epoch = 0  # epochs finished (Balancer.end_epoch)
-        self.groups = groups = Groups(model, encoders, shared, replicas=replicas)
+        self.groups = groups = Groups(model, encoders, shared, replicas=replicas, bucket_cap_mb=bucket_cap_mb)
         try:
             self.method = _methods.create(method, groups, **options)
             # A frozen encoder (the utilization paper trains fusion layers on frozen encoders) is fine unless the

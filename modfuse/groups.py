@@ -31,6 +31,7 @@ calls (after zero_grad(set_to_none=True)) sees later steps' values; clone it to 
 from __future__ import annotations
 
 import gc
+import heapq
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -128,11 +129,19 @@ class Groups:
     trainable parameters ("others"), each laid out once as flat banks (`FlatParams`, one per device and dtype).
     """
 
-    def __init__(self, model: torch.nn.Module, encoders, shared=None, *, replicas: str = "check"):
+    def __init__(
+        self, model: torch.nn.Module, encoders, shared=None, *, replicas: str = "check", bucket_cap_mb: float = 25.0
+    ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if replicas not in REPLICAS:
             raise ValueError(f"replicas must be one of {', '.join(map(repr, REPLICAS))}, got {replicas!r}")
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+            raise ValueError(
+                "bucket_cap_mb must be a number > 0 (megabytes of gradients per overlapped all-reduce, default 25 "
+                f"as DDP's; float('inf') for one collective after the backward), got {bucket_cap_mb!r}"
+            )
+        self.bucket_cap_bytes = float(bucket_cap_mb) * 2**20
         self.model, self.ddp, self.fsdp = unwrap(model)
         self.wrapper = "FSDP2 (fully_shard)" if self.fsdp else ("DistributedDataParallel" if self.ddp else None)
         self.names = names = {id(p): n for n, p in self.model.named_parameters()}
@@ -168,6 +177,9 @@ class Groups:
         self._capture_hooks: list = []
         self._views: dict[tuple, list[torch.Tensor]] = {}  # per-parameter views of persistent buffers
         self.pending: dict[int, torch.Tensor] = {}  # id(p) -> local gradient accumulated under no_sync
+        self._plans: dict[tuple, _Plan] = {}  # bucket plans of the overlapped reduction, see backward_reduced()
+        self._armed: _Step | None = None  # the overlapped backward in progress (its hooks act only then)
+        self._overlap_hooks: list = []
         if self.ddp is not None:
             # DDP's reducer expects exactly one backward per forward; the Balancer runs several, so it reduces
             # itself (see the module docstring).
@@ -466,6 +478,77 @@ class Groups:
         self.all_reduce_(weighted=[*flats, *weighted], summed=[*summed, *([] if reached is None else [reached])])
         self.finish_grads(pairs, reached)
 
+    # -- overlapped reduction (plain process group, DDP) ----------------------------------------------------------
+    def backward_reduced(self, loss: torch.Tensor) -> None:
+        """One plain backward of `loss` into the `.grad` of every trainable parameter, summed over ranks (this
+        rank's part weighted by N_r / N) by all-reduces that start while the backward still runs (see
+        `_overlapped`). FSDP2 reduce-scatters in its own backward; one process, or inside no_sync(): a plain
+        backward (plus what `reduce_grads_` does there: nothing)."""
+        if self.fsdp or not self.distributed or not self.synced:
+            self.backward(loss, self.trainable)
+            if not self.fsdp:
+                self.reduce_grads_(self.trainable)
+            return
+        self._overlapped(loss, banks=False, rows=1, summed=())
+
+    def backward_into_banks_reduced(self, total: torch.Tensor, rows: int = 1, summed=()):
+        """`backward_into_banks` and the reduction of the banks, every other gradient and `summed` (sums over
+        ranks, not weighted) in collectives that start while the backward still runs. The encoder banks are
+        slices of the step's bucket buffer (one per device and dtype), so a bank is all-reduced where it lies and
+        no gradient is copied twice. Returns the banks as `backward_into_banks` does; unreached parameters end
+        with `.grad = None`."""
+        return self._overlapped(total, banks=True, rows=rows, summed=summed)
+
+    def _overlapped(self, loss: torch.Tensor, banks: bool, rows: int, summed: Sequence[torch.Tensor]):
+        """Bucketed all-reduce overlapped with the backward, as DDP's reducer does it.
+
+        Row 0 of one persistent [rows, width] buffer per (device, dtype) holds this rank's gradient times N_r / N,
+        cut into buckets of at most `bucket_cap_mb` (`_plan`). A post-accumulate-grad hook, armed for this one
+        backward only, copies each gradient into its slot the moment autograd has accumulated it (and drops the
+        autograd-made tensor); when a bucket's last gradient has arrived, it and every complete bucket after the
+        last one launched start an async all-reduce. Buckets start strictly in plan order, so every rank issues
+        the same collectives in the same order whatever its autograd timing or unreached parameters (DDP's rule).
+        After the backward the remaining buckets start, their unreached slots zeroed (or holding what no_sync()
+        deferred); the last bucket carries each parameter's "reached" flag and the `summed` tensors of its dtype,
+        so a model below the cap takes one collective. Then every handle is waited for in launch order and `.grad`
+        becomes the parameter's view of row 0, None where no rank reached it.
+        """
+        plan = self._plan(banks, summed)
+        if not self._overlap_hooks:
+            me = weakref.ref(self)
+            for p in self.trainable:
+                self._overlap_hooks.append(p.register_post_accumulate_grad_hook(lambda q: _arrive(me, q)))
+            self._drop_overlap_hooks = weakref.finalize(self, _remove, self._overlap_hooks)
+        step = _Step(self, plan, rows, summed)
+        self._armed = step
+        try:
+            torch.autograd.backward(loss, inputs=self.trainable)
+        finally:
+            self._armed = None
+        step.finish()
+        rest = [t for t in summed if (t.device, t.dtype) not in plan.kinds]
+        if rest:  # summed tensors of a dtype no gradient has: their own packed collective, as before
+            self.all_reduce_(summed=rest)
+        if not banks:
+            return None
+        return {m: [(layout, step.bank(layout)) for layout in layouts] for m, layouts in self.encoder_layouts.items()}
+
+    def _plan(self, banks: bool, summed: Sequence[torch.Tensor]) -> _Plan:
+        """The bucket plan of an overlapped backward, built once per (mode, the shapes of `summed`)."""
+        key = (banks, tuple((t.device, t.dtype, t.numel()) for t in summed))
+        if key not in self._plans:
+            if banks:
+                encoder_ids = {id(p) for layouts in self.encoder_layouts.values() for fp in layouts for p in fp.params}
+                rest = [p for p in self.trainable if id(p) not in encoder_ids]
+                segments = [fp for layouts in self.encoder_layouts.values() for fp in layouts]
+                segments += self.layouts_of(rest) if rest else []
+            else:  # registration order: autograd usually finishes the parameters in its reverse (DDP's assumption)
+                trainable = {id(p) for p in self.trainable}
+                segments = self.layouts_of([p for p in self.model.parameters() if id(p) in trainable])
+            order = {id(p): i for i, p in enumerate(reversed(list(self.model.parameters())))}
+            self._plans[key] = _Plan(segments, summed, self.bucket_cap_bytes, order)
+        return self._plans[key]
+
     def check_finite(self, params: Sequence[torch.nn.Parameter]) -> list[str]:
         """Names of the parameters whose `.grad` holds a NaN or Inf: one fused 2-norm per dtype, one sync.
 
@@ -516,6 +599,7 @@ class Groups:
     def close(self) -> None:
         """Give DDP its own gradient sync back and remove the capture hooks."""
         _remove(self._capture_hooks)
+        _remove(self._overlap_hooks)
         if self.ddp is not None:
             self._give_back()  # runs once
 
@@ -549,3 +633,167 @@ def _remove(handles) -> None:
     for handle in handles:
         handle.remove()
     handles.clear()
+
+
+_ALIGN_BYTES = 16  # every segment of a bucket buffer starts 16-byte aligned (the fused ops' vector loads)
+
+
+@dataclass
+class _Bucket:
+    kind: int  # index of the (device, dtype) buffer it lies in
+    lo: int  # element range of row 0 it all-reduces
+    hi: int
+    params: list  # the parameters whose slots lie in it
+    gaps: list  # (lo, hi) alignment padding inside it: zeroed at launch
+    last: bool  # the last bucket of its buffer: it carries the flags and summed tensors at [0, tail)
+
+
+class _Plan:
+    """The fixed layout of an overlapped backward: per (device, dtype) a row [tail | segment | segment ...] (the
+    tail: one "reached" flag per parameter, then the summed tensors of that dtype; each segment a FlatParams laid
+    16-byte aligned), cut into buckets walking the parameters from the end of the row (the parameters autograd
+    finishes first) to its start, each at most `cap` bytes of gradient (one parameter above the cap is a bucket of
+    its own). Buckets launch in one order on every rank: each buffer's buckets in walk order, the buffers merged by
+    the reverse-registration position of each bucket's first parameter."""
+
+    def __init__(self, segments: list[FlatParams], summed: Sequence[torch.Tensor], cap: float, order: dict[int, int]):
+        self.layouts = segments
+        by_kind: dict[tuple, list[FlatParams]] = {}
+        for fp in segments:
+            by_kind.setdefault((fp.device, fp.dtype), []).append(fp)
+        self.kinds = list(by_kind)
+        self.widths, self.flag_params, self.summed_at, self.where = [], [], [], {}
+        per_kind_buckets = []
+        for k, ((device, dtype), fps) in enumerate(by_kind.items()):
+            align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+            flags = [p for fp in fps for p in fp.params]
+            at = len(flags)
+            for i, t in enumerate(summed):
+                if (t.device, t.dtype) == (device, dtype):
+                    self.summed_at.append((i, k, at))
+                    at += t.numel()
+            tail = at
+            slots = []  # (param, lo, hi) in row order
+            for fp in fps:
+                at = -(-at // align) * align
+                self.where[id(fp)] = (k, at)
+                slots += [(p, at + a, at + b) for p, (a, b) in zip(fp.params, fp._bounds)]
+                at += fp.numel
+            self.widths.append(at)
+            self.flag_params.append(flags)
+            buckets, current, size = [], [], 0.0
+            for p, lo, hi in reversed(slots):
+                nbytes = (hi - lo) * p.element_size()
+                if current and size + nbytes > cap:
+                    buckets.append(current)
+                    current, size = [], 0.0
+                current.append((p, lo, hi))
+                size += nbytes
+            buckets.append(current)
+            made, top = [], at
+            for i, members in enumerate(buckets):
+                last = i == len(buckets) - 1
+                lo = 0 if last else min(a for _, a, _ in members)
+                covered = sorted([(a, b) for _, a, b in members] + ([(0, tail)] if last and tail else []))
+                gaps, edge = [], lo
+                for a, b in covered:
+                    if a > edge:
+                        gaps.append((edge, a))
+                    edge = max(edge, b)
+                if top > edge:
+                    gaps.append((edge, top))
+                made.append(_Bucket(k, lo, top, [p for p, _, _ in members], gaps, last))
+                top = lo
+            per_kind_buckets.append(made)
+        self.tails = [len(f) for f in self.flag_params]
+        self.buckets = list(heapq.merge(*per_kind_buckets, key=lambda b: order.get(id(b.params[0]), 0)))
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+
+
+class _Step:
+    """One overlapped backward in progress: the buffers, what has arrived, the launched collectives."""
+
+    def __init__(self, groups: Groups, plan: _Plan, rows: int, summed: Sequence[torch.Tensor]):
+        self.plan, self.summed = plan, summed
+        self.weight, self.pending = groups.weight, groups.pending
+        self.buffers = [
+            groups.buffer(("overlap", id(plan), k), (rows, width), dtype, device)
+            for k, ((device, dtype), width) in enumerate(zip(plan.kinds, plan.widths))
+        ]
+        self.slots: dict[int, torch.Tensor] = {}
+        self.banks: dict[int, torch.Tensor] = {}
+        for layout in plan.layouts:
+            k, at = plan.where[id(layout)]
+            self.banks[id(layout)] = self.buffers[k][:, at : at + layout.numel]
+            for p, view in zip(layout.params, groups.views(layout, self.buffers[k][0, at : at + layout.numel])):
+                self.slots[id(p)] = view
+        self.left = [len(b.params) for b in plan.buckets]
+        self.launched = 0
+        self.handles: list = []
+        self.reached: set[int] = set()
+
+    def bank(self, layout: FlatParams) -> torch.Tensor:
+        return self.banks[id(layout)]
+
+    def arrive(self, p: torch.nn.Parameter) -> None:
+        """Post-accumulate hook: this rank's weighted gradient into its slot; launch the buckets now complete."""
+        b = self.plan.bucket_of.get(id(p))
+        if b is None or p.grad is None or id(p) in self.reached:
+            return
+        slot, deferred = self.slots[id(p)], self.pending.get(id(p))
+        if deferred is None:
+            torch.mul(p.grad, self.weight, out=slot)
+        else:
+            torch.add(p.grad, deferred, out=slot)
+            slot.mul_(self.weight)
+        p.grad = None  # the slot holds it now: autograd's tensor is freed at once, as with gradient_as_bucket_view
+        self.reached.add(id(p))
+        self.left[b] -= 1
+        while self.launched < len(self.left) and self.left[self.launched] == 0:
+            self._launch(self.launched)
+
+    def _launch(self, b: int) -> None:
+        bucket = self.plan.buckets[b]
+        row = self.buffers[bucket.kind][0]
+        for p in bucket.params:
+            if id(p) not in self.reached:
+                deferred = self.pending.get(id(p))
+                if deferred is None:
+                    self.slots[id(p)].zero_()
+                else:
+                    torch.mul(deferred, self.weight, out=self.slots[id(p)])
+        for lo, hi in bucket.gaps:
+            row[lo:hi].zero_()
+        if bucket.last:  # every earlier bucket of this buffer has launched, so the flags are final
+            params = self.plan.flag_params[bucket.kind]
+            flags = [float(id(p) in self.reached or id(p) in self.pending) for p in params]
+            row[: len(params)].copy_(torch.tensor(flags, dtype=row.dtype))
+            for i, k, at in self.plan.summed_at:
+                if k == bucket.kind:
+                    t = self.summed[i]
+                    row[at : at + t.numel()].copy_(t.reshape(-1))
+        self.handles.append(dist.all_reduce(row[bucket.lo : bucket.hi], op=dist.ReduceOp.SUM, async_op=True))
+        self.left[b] = -1
+        self.launched = b + 1
+
+    def finish(self) -> None:
+        """After the backward: launch what is left, in order; wait for every bucket; write `.grad` and `summed`."""
+        while self.launched < len(self.left):
+            self._launch(self.launched)
+        for handle in self.handles:
+            handle.wait()
+        for k, params in enumerate(self.plan.flag_params):
+            row = self.buffers[k][0]
+            for p, flag in zip(params, row[: len(params)].tolist()):
+                p.grad = self.slots[id(p)] if flag > 0 else None
+        for i, k, at in self.plan.summed_at:
+            t = self.summed[i]
+            t.copy_(self.buffers[k][0, at : at + t.numel()].view(t.shape))
+
+
+def _arrive(groups_ref, p: torch.nn.Parameter) -> None:
+    """Post-accumulate hook of every trainable parameter: acts only inside an overlapped backward."""
+    groups = groups_ref()
+    step = groups._armed if groups is not None else None
+    if step is not None:
+        step.arrive(p)

@@ -110,9 +110,8 @@ class Method:
         """Raise on a step this method cannot take, before anything runs (errors are agreed by all ranks)."""
 
     def backward(self, step: Step, total: torch.Tensor) -> None:
-        params = self.groups.trainable
-        self.groups.backward(total, params)
-        self.groups.reduce_grads_(params)
+        # one plain backward whose gradients are only reduced: the all-reduces start during it (bucketed)
+        self.groups.backward_reduced(total)
 
     # -- training-loop hooks and state ----------------------------------------------------------------------
     def on_skip(self) -> None:
@@ -137,7 +136,11 @@ class Method:
 
 def reduce_encoder_banks(groups: Groups, total: torch.Tensor, rows: int = 1, summed=()):
     """Plain backward with every encoder's gradients in flat banks (row 0 = `.grad`), then one packed
-    collective for the banks, every other gradient and `summed`; unreached parameters end with `.grad = None`."""
+    collective for the banks, every other gradient and `summed`; unreached parameters end with `.grad = None`.
+    Under a process group or DDP the collectives start while the backward runs (Groups.backward_into_banks_reduced:
+    bucketed, a bank all-reduced as soon as its gradients are in, `summed` in the last bucket)."""
+    if groups.distributed and groups.synced and not groups.fsdp:
+        return groups.backward_into_banks_reduced(total, rows, summed)
     banks, reached = groups.backward_into_banks(total, rows)
     entries = [(layout, buf) for layouts in banks.values() for layout, buf in layouts]
     if not groups.distributed or not groups.synced:  # no collective: reached here is reached everywhere

@@ -96,11 +96,9 @@ class Greedy(Method):
 
     def backward(self, step, total):
         groups = self.groups
-        # a plain backward; gradients are reduced over ranks (DDP / a process group) before their norms, and
-        # FSDP2's backward reduce-scatters them into the local shards
-        groups.backward(total, groups.trainable)
-        if not groups.fsdp:
-            groups.reduce_grads_(groups.trainable)
+        # a plain backward; gradients are reduced over ranks (DDP / a process group: all-reduces overlapped with
+        # the backward) before their norms, and FSDP2's backward reduce-scatters them into the local shards
+        groups.backward_reduced(total)
         self.epoch = step.epoch
         self.held_params = set()
         if self.hold_left > 0:
