@@ -19,6 +19,11 @@ ranks), which is what one process on the concatenated batch gives for mean-reduc
 could differ between ranks (an error, a non-finite loss, a parameter reached on some ranks only) are agreed in
 one tiny all-reduce before any gradient collective, so that every rank skips or raises together.
 
+Overlap (plain process group and DDP): a method whose step is one plain backward whose gradients are then only
+reduced (`backward_reduced`, `backward_into_banks_reduced`) gets its gradients all-reduced in buckets of at most
+`bucket_cap_mb` that start while the backward still runs, as DDP's reducer does (`_overlapped` says how); the
+others (calibrated, mmpareto) reduce in one packed collective after their backwards (`all_reduce_`).
+
 Persistent buffers: every D-sized buffer of a step (the encoder banks whose rows are `.grad`, the flat buffers of
 a collective, a method's scratch rows) comes from `Groups.buffer`, allocated once per (purpose, shape) and reused
 every step, so a step first-touches no fresh pages. A buffer that a gradient held before the current Balancer call
