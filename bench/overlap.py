@@ -14,7 +14,8 @@ touches all rows alike), median over the timed steps after warm-up:
 - the Balancer, method "none", plain process group: bucket_cap_mb=inf (one packed all-reduce per dtype after the
   backward has finished: the path before issue 11's overlap), the default 25 MB, and a smaller cap;
 - the same for "ogm_ge" (its encoder banks reduced where they lie).
-Ratios: every row's median against DDP's default step and against the Balancer's own inf row.
+Ratios: every row's median against DDP's default step and against the Balancer's own inf row. For the Balancer's
+rows also the time it waits after the backward for its all-reduces (the communication the backward did not hide).
 """
 
 from __future__ import annotations
@@ -108,16 +109,27 @@ def worker(rank, world, port, args, path):
         for _label, model, net, balancer, opt, _ in runs:  # warm-up: every row's buffers and gloo pairs
             for _ in range(args.warmup):
                 step(model, net, balancer, opt)
+        # the Balancer's wait after the backward (launching what is left, waiting for every bucket, writing .grad):
+        # the communication the backward did not hide
+        finish, waits = modfuse.groups._Step.finish, []
+
+        def timed_finish(self):
+            start = time.perf_counter()
+            finish(self)
+            waits.append(time.perf_counter() - start)
+
+        modfuse.groups._Step.finish = timed_finish
         per_round = max(1, args.steps // args.rounds)
         for _ in range(args.rounds):
             for _label, model, net, balancer, opt, times in runs:
                 for _ in range(per_round):
                     dist.barrier()
+                    waits.clear()
                     start = time.perf_counter()
                     step(model, net, balancer, opt)
-                    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+                    elapsed = torch.tensor([time.perf_counter() - start, sum(waits)], dtype=torch.float64)
                     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank ends
-                    times.append(float(elapsed))
+                    times.append(elapsed.tolist())
         if rank == 0:
             torch.save([(label, times) for label, *_, times in runs], path)
     finally:
@@ -156,17 +168,19 @@ def main(argv=None):
         path = os.path.join(tmp, "times.pt")
         mp.spawn(worker, args=(2, free_port(), args, path), nprocs=2, join=True)
         measured = torch.load(path)
-    medians = {label: statistics.median(times) for label, times in measured}
+    medians = {label: statistics.median(t for t, _ in times) for label, times in measured}
     ddp = medians[rows_of(args)[0][0]]
     # each method's row at bucket_cap_mb=inf: one all-reduce after the backward, the path before the overlap
     before = {kind: medians[label] for label, kind, o in rows_of(args) if o.get("cap") == float("inf")}
     results = []
     for label, kind, _ in rows_of(args):
-        times = dict(measured)[label]
+        times = [t for t, _ in dict(measured)[label]]
+        waits = [w for _, w in dict(measured)[label]]
         results.append(
             {
                 "row": label,
                 "median_ms": 1e3 * medians[label],
+                "wait_after_backward_ms": None if kind == "ddp" else 1e3 * statistics.median(waits),
                 "min_ms": 1e3 * min(times),
                 "max_ms": 1e3 * max(times),
                 "steps": len(times),
@@ -197,15 +211,27 @@ def write(results, env, args):
             "(`python -m bench.overlap`). Ratios are times: below 1 is faster."
         ),
         "",
-        "| row | median ms | min ms | max ms | vs DDP default | vs the same method at bucket_cap_mb=inf |",
-        "|---|---|---|---|---|---|",
+        (
+            "| row | median ms | min ms | max ms | wait after the backward, median ms | vs DDP default | "
+            "vs the same method at bucket_cap_mb=inf |"
+        ),
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         vs_before = "-" if r["vs_before"] is None else f"{r['vs_before']:.2f}x"
+        wait = "-" if r["wait_after_backward_ms"] is None else f"{r['wait_after_backward_ms']:.1f}"
         lines.append(
-            f"| {r['row']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | {r['vs_ddp']:.2f}x | "
-            f"{vs_before} |"
+            f"| {r['row']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | {wait} | "
+            f"{r['vs_ddp']:.2f}x | {vs_before} |"
         )
+    lines += [
+        "",
+        (
+            "Wait after the backward: the Balancer's time from the end of the backward to its `.grad` written "
+            "(launching the buckets not yet started, waiting for every all-reduce), i.e. the communication the "
+            "backward did not hide; the slower rank's, median over the timed steps."
+        ),
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
