@@ -149,7 +149,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=25, help="timed steps per row")
     parser.add_argument("--rounds", type=int, default=5, help="the timed steps are taken in this many turns")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--small-cap", type=float, default=4.0, help="MB: the smaller bucket cap (one layer here)")
+    parser.add_argument(
+        "--small-cap", type=float, default=5.0, help="MB (MiB, as DDP): the smaller cap (about a layer per bucket here)"
+    )
     parser.add_argument("--timeout", type=float, default=120, help="process-group timeout, seconds")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
