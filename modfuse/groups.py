@@ -542,14 +542,16 @@ class Groups:
         """The bucket plan of an overlapped backward, built once per (mode, the shapes of `summed`)."""
         key = (banks, tuple((t.device, t.dtype, t.numel()) for t in summed))
         if key not in self._plans:
+            # registration order: autograd usually finishes the parameters in its reverse (DDP's assumption); the
+            # encoder banks stay whole (one segment each), the other parameters follow them
+            registered = [p for p in self.model.parameters() if p.requires_grad]
             if banks:
                 encoder_ids = {id(p) for layouts in self.encoder_layouts.values() for fp in layouts for p in fp.params}
-                rest = [p for p in self.trainable if id(p) not in encoder_ids]
+                rest = [p for p in registered if id(p) not in encoder_ids]
                 segments = [fp for layouts in self.encoder_layouts.values() for fp in layouts]
                 segments += self.layouts_of(rest) if rest else []
-            else:  # registration order: autograd usually finishes the parameters in its reverse (DDP's assumption)
-                trainable = {id(p) for p in self.trainable}
-                segments = self.layouts_of([p for p in self.model.parameters() if id(p) in trainable])
+            else:
+                segments = self.layouts_of(registered)
             order = {id(p): i for i, p in enumerate(reversed(list(self.model.parameters())))}
             self._plans[key] = _Plan(segments, summed, self.bucket_cap_bytes, order)
         return self._plans[key]
