@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from _models import SharedHeadNet, losses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_distributed import (
     DIMS,
     LINEAR,
@@ -43,6 +45,7 @@ from test_distributed import (
 )
 
 import modfuse
+from modfuse.groups import Groups
 
 SMALL = 1e-3  # MB: 1 KiB buckets, below every layer's 16x16 float64 weight
 # the methods whose step is one plain backward whose gradients are then only reduced (Groups.backward_reduced),
@@ -285,3 +288,54 @@ def test_bad_bucket_cap_is_refused(bad):
     net = make_net()
     with pytest.raises(ValueError, match="bucket_cap_mb must be a number > 0"):
         modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method="none", bucket_cap_mb=bad)
+
+
+@settings(max_examples=60)
+@given(
+    sizes=st.lists(
+        st.tuples(st.integers(1, 300), st.sampled_from(["float32", "float64", "float16"])), min_size=2, max_size=12
+    ),
+    n_encoders=st.integers(1, 3),
+    cap=st.one_of(st.integers(1, 3000).map(float), st.just(float("inf"))),
+    summed=st.lists(st.tuples(st.integers(1, 5), st.sampled_from(["float32", "float64", "bfloat16"])), max_size=3),
+    banks=st.booleans(),
+)
+def test_bucket_plans_tile_the_buffer(sizes, n_encoders, cap, summed, banks):
+    """Any parameter list, cap and summed tensors: per (device, dtype), the buckets tile [0, width) of the row;
+    every parameter's slot lies in exactly one bucket, 16-byte aligned segments; a bucket holds at most `cap`
+    bytes of gradients unless it is one parameter; the bucket holding the flags and summed tensors at [0, tail)
+    is its buffer's last to launch; gaps, slots and tail cover each bucket exactly once."""
+    model = nn.Module()
+    model.ps = nn.ParameterList([nn.Parameter(torch.zeros(n, dtype=getattr(torch, d))) for n, d in sizes])
+    params = list(model.ps)
+    n_encoders = min(n_encoders, len(params) - 1)
+    encoders = {f"m{i}": [params[i]] for i in range(n_encoders)}
+    groups = Groups(model, encoders, replicas="trust", bucket_cap_mb=cap / 2**20)
+    tensors = [torch.zeros(n, dtype=getattr(torch, d)) for n, d in summed]
+    plan = groups._plan(banks, tensors)
+    seen = {}
+    for k, (_, dtype) in enumerate(plan.kinds):
+        size = torch.empty((), dtype=dtype).element_size()
+        mine = [b for b in plan.buckets if b.kind == k]
+        assert [b.last for b in mine] == [False] * (len(mine) - 1) + [True]
+        assert sorted((b.lo, b.hi) for b in mine)[0][0] == 0 and max(b.hi for b in mine) == plan.widths[k]
+        edges = sorted((b.lo, b.hi) for b in mine)
+        assert all(a[1] == b[0] for a, b in zip(edges, edges[1:])), edges
+        slots = {}
+        for layout in plan.layouts:
+            lk, at = plan.where[id(layout)]
+            if lk == k:
+                assert (at * size) % 16 == 0
+                for p, (a, b) in zip(layout.params, layout._bounds):
+                    slots[id(p)] = (at + a, at + b)
+        tail = len(plan.flag_params[k]) + sum(t.numel() for t in tensors if t.dtype == dtype)
+        for b in mine:
+            pieces = [slots[id(p)] for p in b.params] + list(b.gaps) + ([(0, tail)] if b.last else [])
+            pieces.sort()
+            assert pieces[0][0] == b.lo and pieces[-1][1] == b.hi
+            assert all(x[1] == y[0] for x, y in zip(pieces, pieces[1:])), pieces
+            assert len(b.params) == 1 or sum(p.numel() for p in b.params) * size <= cap
+            for p in b.params:
+                assert id(p) not in seen
+                seen[id(p)] = b
+    assert set(seen) == {id(p) for p in params}
