@@ -174,6 +174,30 @@ def scenarios(rank, world, out):
 
     run("reached", reached)
 
+    # the hooks act only inside the Balancer's own backward: a plain backward afterwards is autograd's, untouched
+    def disarmed():
+        net = make_net()
+        b = balancer(net, net, "none", bucket_cap_mb=SMALL)
+        assert b.backward(**losses(net, *local(rank, world)))
+        net.zero_grad(set_to_none=True)
+        losses(net, *local(rank, world))["fused"].mean().backward()
+        return snapshot(net)[0]
+
+    run("disarmed", disarmed)
+
+    # a float32 model whose method sums float64 scores (inforeg): the scores take their own packed all-reduce
+    def float32(cap):
+        torch.manual_seed(0)
+        net = SharedHeadNet(DIMS)
+        xs, y = local(rank, world)
+        b = balancer(net, net, "inforeg", bucket_cap_mb=cap)
+        with CollectiveCounter() as counter:
+            assert b.backward(**losses(net, {m: x.float() for m, x in xs.items()}, y))
+        return snapshot(net)[0], counter.count, b.stats()
+
+    for cap in (SMALL, 25):
+        run(f"float32-{cap}/inforeg", lambda cap=cap: float32(cap))
+
 
 def worker(rank, world, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -339,3 +363,31 @@ def test_bucket_plans_tile_the_buffer(sizes, n_encoders, cap, summed, banks):
                 assert id(p) not in seen
                 seen[id(p)] = b
     assert set(seen) == {id(p) for p in params}
+
+
+def test_hooks_do_not_act_outside_the_balancers_backward(job):
+    world, results = job
+    for rank, res in enumerate(results):
+        net = make_net()
+        losses(net, *local(rank, world))["fused"].mean().backward()
+        close(ok(res["disarmed"], "disarmed"), snapshot(net)[0], f"rank {rank}: a plain backward after the Balancer's")
+
+
+def test_summed_tensors_of_another_dtype(job):
+    """float32 gradients, float64 scores: one process's result (to float32 rounding) and stats(); at 25 MB the
+    agreement, the gradients' one bucket and the scores' own all-reduce."""
+    _, results = job
+    torch.manual_seed(0)
+    net = SharedHeadNet(DIMS)
+    xs, y = data()
+    b = modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method="inforeg")
+    assert b.backward(**losses(net, {m: x.float() for m, x in xs.items()}, y))
+    want = snapshot(net)[0]
+    for rank, res in enumerate(results):
+        for cap in (SMALL, 25):
+            grads, collectives, stats = ok(res[f"float32-{cap}/inforeg"], "float32")
+            close(grads, want, f"rank {rank}, cap {cap}", rtol=1e-5, atol=1e-6)
+            assert stats.keys() == b.stats().keys()
+            for key, value in stats.items():
+                assert value == pytest.approx(b.stats()[key], rel=1e-5, abs=1e-6), key
+            assert collectives == 3 if cap == 25 else collectives > 4, collectives
