@@ -26,7 +26,8 @@ before Op 4, so every rank computes the update of the global batch: the per-samp
 on the concatenated batch; with micro-batches each rank cuts its own batch into K parts (world * K samples), each
 scaled by K_total / N_total so that their mean is the gradient of the mean loss over all ranks' samples. An
 objective missing on a rank (a modality absent there) adds zeros with count 0 on that rank.
-Under FSDP2 the method raises at construction (its several backwards need the unsharded parameters).
+Under FSDP2 the per_sample route runs shard-local (see _fsdp_finish); the micro-batch route raises at construction
+(see README, Distributed training: its R * K backwards would each re-gather the shared parameters).
 Options: moments, microbatches (8; K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
 (False: run the statistics stage through torch.compile(fullgraph=True)), collectives ("reduce_scatter": under
@@ -34,8 +35,10 @@ torch.distributed each rank runs Op 4 on its 1/W slice of the summed banks and o
 (W-1)/W (2R + 1) D elements per rank against 2 (W-1)/W 2R D for "all_reduce" of the banks), evidence ("t": the
 per-element t-statistic above; "precision": the BOGC-MML paper's reading, one evidence per objective from the
 precision of its mean gradient relative to the objectives' mean precision, in plain PyTorch:
-reference.calibrated_aggregate_precision, docs/math.md#calibrated; it rebalances towards steadier objectives,
-all-reduces the banks whole under torch.distributed and raises under FSDP2).
+reference.calibrated_aggregate_precision, docs/math.md#calibrated; it rebalances towards steadier objectives and
+all-reduces the banks whole under a process group or DDP; under FSDP2 it runs shard-local like the t route, its
+one whole-bank quantity, the mean variance of each row, being a sum over elements that the route's one tiny
+all-reduce carries; that path is always eager: compile=True does not apply there).
 """
 
 from __future__ import annotations
@@ -84,11 +87,6 @@ class Calibrated(Method):
         super().__init__(groups)
         if evidence not in ("t", "precision"):
             raise ValueError(f"evidence must be 't' (per-element t-statistic) or 'precision', got {evidence!r}")
-        if evidence == "precision" and groups.fsdp:
-            raise ValueError(
-                "method 'calibrated' with evidence='precision' cannot run under FSDP2 (fully_shard): its evidence "
-                "is a mean over every shared element, and each rank holds a shard only; use evidence='t'"
-            )
         self.evidence = evidence
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
@@ -292,21 +290,41 @@ class Calibrated(Method):
                         f"shared parameter {groups.name_of(p)!r} received no gradient from any objective of this step"
                     )
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-            out, stats = (self._compiled or self._op4)(
-                mine[:R].contiguous(), mine[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
-            )
-            L = mine.shape[1]
-            real = sum(numel for _, _, numel in where)
-            # sums over this rank's slice (padding has zero belief and zero evidence), then over ranks
-            sums = torch.stack([stats[:, 0], stats[:, 1], stats[:, 2] * L, stats[:, 3] * L - (L - real)], 1)
-            groups.all_reduce_(summed=[sums])
-            sums[:, 2:] /= bank.layout.numel
+            if self.evidence == "precision":
+                out, sums = self._precision_shard(mine[:R], mine[R:], bank.n, eps, bank.layout.numel)
+            else:
+                out, stats = (self._compiled or self._op4)(
+                    mine[:R].contiguous(), mine[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
+                )
+                L = mine.shape[1]
+                real = sum(numel for _, _, numel in where)
+                # sums over this rank's slice (padding has zero belief and zero evidence), then over ranks
+                sums = torch.stack([stats[:, 0], stats[:, 1], stats[:, 2] * L, stats[:, 3] * L - (L - real)], 1)
+                groups.all_reduce_(summed=[sums])
+                sums[:, 2:] /= bank.layout.numel
             out = out.to(bank.layout.dtype)
             with torch.no_grad():
                 for p, start, numel in where:
                     local = p.grad.to_local()
                     local.copy_(out[start : start + numel].view_as(local))
             self._last.append((names, sums))
+
+    def _precision_shard(self, S1, S2, n, eps, D):
+        """FSDP2, evidence="precision" on this rank's slice [R, L] of the summed banks: the one whole-bank quantity,
+        mean_d v_rd / n_r, is a sum over elements, so its shard-local partial sums go over ranks in one tiny float64
+        all-reduce with sum_d mu^2 (for stats()); then the per-row evidence and belief are those of
+        reference.calibrated_aggregate_precision and Op 4's sum over rows runs on the slice. Padding elements (zero
+        sums) add nothing. Returns (out [L], stats [R, 4] in the layout of the t route: sums, then means over D)."""
+        n = n.reshape(-1, 1)
+        mu = S1 / n
+        v = torch.clamp(S2 - n * mu.square(), min=0) / (n - 1)
+        partial = torch.stack([(v / n).sum(1), mu.square().sum(1)], 1).double()
+        self.groups.all_reduce_(summed=[partial])
+        precision = 1 / (partial[:, 0] / D + eps)
+        e = torch.clamp(precision.numel() * precision / precision.sum(), max=self.evidence_max)
+        b = e / (e + self.kappa)
+        out = (b.to(mu.dtype).reshape(-1, 1) * mu).sum(0)
+        return out, torch.stack([partial[:, 1], b.square() * partial[:, 1], b, (e == 0).double()], 1)
 
     def _zeroed(self, purpose, shape, dtype, device):
         """Zeroed moment banks, persistent across steps (Groups.buffer)."""
