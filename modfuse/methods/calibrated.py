@@ -43,6 +43,7 @@ all-reduce carries; that path is always eager: compile=True does not apply there
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -90,12 +91,6 @@ class Calibrated(Method):
         self.evidence = evidence
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
-        if groups.fsdp and moments == "microbatch":
-            raise ValueError(
-                "method 'calibrated' with moments='microbatch' cannot run under FSDP2 (fully_shard): "
-                "its R * K backwards need the unsharded parameters; use moments='per_sample' (it runs "
-                "shard-local under FSDP2), or DistributedDataParallel"
-            )
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2:
             raise ValueError(f"microbatches must be an int >= 2 (a variance needs two samples), got {microbatches!r}")
         if not groups.shared:
@@ -128,6 +123,19 @@ class Calibrated(Method):
             self._hooks.append(groups.model.register_forward_pre_hook(lambda *_: _forget(me)))
             for module in self._linear:
                 self._hooks.append(module.register_forward_hook(lambda mod, args, out: _record(me, mod, args, out)))
+            self._finalizer = weakref.finalize(self, _remove, list(self._hooks))
+        self._unsharded: dict[int, torch.Tensor] = {}  # FSDP2: id(sharded shared param) -> its unsharded tensor
+        if moments == "microbatch" and groups.fsdp:
+            # the micro-batch backwards differentiate w.r.t. the tensors the forward used: FSDP2's unsharded
+            # parameters, which it sets on the owning modules before their forward (read by a pre-hook)
+            me = weakref.ref(self)
+            shared = {id(p) for _, p in groups.shared}
+            for module in groups.model.modules():
+                names = [(n, id(p)) for n, p in module._parameters.items() if p is not None and id(p) in shared]
+                if names:
+                    self._hooks.append(
+                        module.register_forward_pre_hook(lambda mod, _, names=names: _record_unsharded(me, mod, names))
+                    )
             self._finalizer = weakref.finalize(self, _remove, list(self._hooks))
 
     def _op4(self, *args):
@@ -180,10 +188,11 @@ class Calibrated(Method):
         N = next(loss.shape[0] for loss in local.values())
         banks = [MomentBank(layout, len(rows), self._zeroed) for layout in self.layouts]
         reached: set[int] = set()
-        if self.moments == "microbatch":
-            self._microbatch_moments(rows, N, banks, reached, step)
-        else:
-            self._per_sample_moments(rows, N, banks, reached)
+        with self._unsharded_across_backwards():
+            if self.moments == "microbatch":
+                self._microbatch_moments(rows, N, banks, reached, step)
+            else:
+                self._per_sample_moments(rows, N, banks, reached)
         shared = {id(p) for _, p in groups.shared}
         others = [p for p in groups.trainable if id(p) not in shared]
         if groups.fsdp:
@@ -326,6 +335,30 @@ class Calibrated(Method):
         out = (b.to(mu.dtype).reshape(-1, 1) * mu).sum(0)
         return out, torch.stack([partial[:, 1], b.square() * partial[:, 1], b, (e == 0).double()], 1)
 
+    @contextlib.contextmanager
+    def _unsharded_across_backwards(self):
+        """FSDP2: the partial backwards (per objective, or per objective and micro-batch) must not reshard the
+        parameters after each of them, or the next one's pre-backward hook would all-gather them again (R or R*K
+        all-gathers of the shared group per step). FSDP2's set_reshard_after_backward(False) keeps them
+        unsharded, as its gradient accumulation does; the setting is restored before the step's real backward,
+        which then finds them unsharded and reshards them at its end as usual."""
+        if not self.groups.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.groups.model.modules() if isinstance(m, FSDPModule)]
+        # the setter is public; the current value is read where the setter writes it
+        before = [[g.reshard_after_backward for g in m._get_fsdp_state()._fsdp_param_groups] for m in modules]
+        for m in modules:
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m, values in zip(modules, before):
+                for g, value in zip(m._get_fsdp_state()._fsdp_param_groups, values):
+                    g.reshard_after_backward = value
+
     def _zeroed(self, purpose, shape, dtype, device):
         """Zeroed moment banks, persistent across steps (Groups.buffer)."""
         return self.groups.buffer(("calibrated", purpose), shape, dtype, device, zero=True)
@@ -338,6 +371,8 @@ class Calibrated(Method):
 
     def _microbatch_moments(self, rows, N, banks, reached, step):
         params = [p for layout in self.layouts for p in layout.params]
+        if self.groups.fsdp:  # the unsharded tensors of this forward: full-size local gradients, as without FSDP2
+            params = [self._unsharded.get(id(p), p) for p in params]
         bounds = torch.linspace(0, N, self.K + 1).round().long().tolist()
         scratch = [
             self.groups.buffer(("calibrated", id(layout)), (layout.numel,), layout.dtype, layout.device, scratch=True)
@@ -447,6 +482,14 @@ def _record(method_ref, module, args, output):
     method = method_ref()
     if method is not None and torch.is_grad_enabled() and output.requires_grad:
         method._calls.setdefault(module, []).append((args[0].detach(), output))
+
+
+def _record_unsharded(method_ref, module, names):
+    """FSDP2 pre-forward: the tensors FSDP2 has set on `module` for this forward (its unsharded parameters)."""
+    method = method_ref()
+    if method is not None:
+        for name, key in names:
+            method._unsharded[key] = module._parameters[name]
 
 
 def _forget(method_ref):
