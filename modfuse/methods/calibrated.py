@@ -169,6 +169,11 @@ class Calibrated(Method):
             raise ValueError("the per-sample losses must all have the same length N (one batch)")
         if self.moments == "microbatch" and N < self.K:
             raise ValueError(f"a batch of N = {N} samples cannot be cut into microbatches = {self.K} parts")
+        if self.moments == "microbatch" and self.groups.fsdp and not self._unsharded:
+            raise ValueError(
+                "moments='microbatch' under FSDP2 saw no forward of the shared parameters' modules: build the "
+                "Balancer before the forward pass (it reads FSDP2's unsharded parameters there)"
+            )
         if self.moments == "per_sample" and not any(self._calls.values()):
             raise ValueError(
                 "moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
