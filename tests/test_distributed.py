@@ -389,6 +389,14 @@ def scenarios(rank, world, out):
 
     run("missing/fsdp2-calibrated", fsdp_missing)
 
+    # FSDP2, micro-batch route, Balancer built after the forward: it never saw FSDP2's unsharded parameters
+    def fsdp_late_balancer():
+        net = sharded(make_net(), mesh)
+        kw = losses(net, *local(rank, world))
+        return balancer(net, net, "calibrated-microbatch").backward(**kw)
+
+    run("fsdp2-microbatch-late", fsdp_late_balancer)
+
     # a batch too small for microbatches on one rank: raised on every rank at once
     def too_small():
         net = make_net()
@@ -671,6 +679,14 @@ def test_fsdp2_missing_modality_raises_on_every_rank(job):
             assert etype == "ValueError" and "FSDP2" in message and "'b'" in message, message
         else:
             assert etype == "RuntimeError" and f"rank(s) [{world - 1}]" in message, message
+
+
+def test_fsdp2_microbatch_needs_the_forward(job):
+    """A Balancer built after the forward cannot know FSDP2's unsharded parameters: a clear error on every rank."""
+    for res in job[1]:
+        kind, etype, message, _ = res["fsdp2-microbatch-late"]
+        assert kind == "error" and etype == "ValueError", message
+        assert "FSDP2" in message and "before the forward" in message, message
 
 
 def test_batch_too_small_raises_on_every_rank(job):

@@ -26,8 +26,9 @@ before Op 4, so every rank computes the update of the global batch: the per-samp
 on the concatenated batch; with micro-batches each rank cuts its own batch into K parts (world * K samples), each
 scaled by K_total / N_total so that their mean is the gradient of the mean loss over all ranks' samples. An
 objective missing on a rank (a modality absent there) adds zeros with count 0 on that rank.
-Under FSDP2 the per_sample route runs shard-local (see _fsdp_finish); the micro-batch route raises at construction
-(see README, Distributed training: its R * K backwards would each re-gather the shared parameters).
+Under FSDP2 both routes run shard-local (see _fsdp_finish): the micro-batch backwards differentiate w.r.t. FSDP2's
+unsharded parameters (read by a pre-forward hook), and no partial backward reshards them (see
+_unsharded_across_backwards), so they cost no collective.
 Options: moments, microbatches (8; K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
 (False: run the statistics stage through torch.compile(fullgraph=True)), collectives ("reduce_scatter": under
