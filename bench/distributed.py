@@ -53,6 +53,9 @@ CASES = [
     ("utilization", "utilization", {}),
     ("mimo", "mimo", {}),
     ("i2m2", "i2m2", {}),
+    ("calibrated, per_sample, precision", "calibrated", {"moments": "per_sample", "evidence": "precision"}),
+    ("inforeg", "inforeg", {}),
+    ("agm", "agm", {}),
 ]
 WRAPPERS = ("process group", "DDP", "FSDP2")
 QUICK = {"batch": 8, "steps": 1, "warmup": 2, "trainer_hidden": 8, "head_hidden": 16, "pix": 6, "zer": 5}

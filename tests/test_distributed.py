@@ -1,10 +1,11 @@
 """torch.distributed (gloo, CPU, 2 and 3 processes): issue 11's scenarios against one process on the whole batch.
 
 Process start-ups dominate the cost, so each world size is ONE spawned job that runs every scenario in turn
-(plain process group, DDP with and without gradient_as_bucket_view, DDP given as its .module, FSDP2, NaN on one
-rank, a ragged last batch, a missing modality, a batch too small for `microbatches`, accumulation with and
-without no_sync(), autocast bf16, replicas that differ) and saves what it saw; the parent compares it with one
-process on the concatenated batch. The process group has a 60 s timeout, so a hang fails instead of stalling.
+(plain process group, DDP with and without gradient_as_bucket_view, DDP given as its .module, FSDP2 for every
+method, FSDP2 with ragged batches and under bf16 autocast, NaN on one rank, a ragged last batch, a missing
+modality, a batch too small for `microbatches`, accumulation with and without no_sync(), autocast bf16, replicas
+that differ) and saves what it saw; the parent compares it with one process on the concatenated batch. The
+process group has a 60 s timeout, so a hang fails instead of stalling.
 
 Linear in the batch (compared with one process, `.grad` of the first step and the parameters after 3 SGD
 steps): none, calibrated (both routes), ogm_ge, greedy, mmpareto, i2m2, inforeg, agm, pmr, cggm. Per rank by design (their objective is a
@@ -48,6 +49,11 @@ LINEAR = [
 ]
 PER_RANK = ["mimo", "utilization"]
 RAGGED = {2: [13, 11], 3: [9, 8, 7]}
+# every FSDP2 method linear in the batch; the micro-batch route's K parts per rank are not one process's cuts
+# when the batches are ragged, so it is left out (as without FSDP2)
+FSDP2_RAGGED = [case for case in LINEAR if case != "calibrated-microbatch"]
+HEAD_NUMEL = 16 * 3 + 3  # SharedHeadNet's head (hidden 16, 3 classes): the shared elements
+BF16_FSDP2 = ["none", "ogm_ge", "calibrated-per_sample", "calibrated-microbatch"]
 
 
 def method_of(case: str, world: int) -> tuple[str, dict]:
@@ -95,14 +101,80 @@ def train(net, wrapper, balancer, xs, y, steps=3):
 
 
 def expected(case, world=2):
-    """One process on the concatenated batch (the micro-batch route with K_TOTAL parts)."""
+    """One process on the concatenated batch (the micro-batch route with K_TOTAL parts): (.grad of the first step,
+    parameters after 3 steps, stats(); inforeg's after an end_epoch(), so that its Fisher trace is in them)."""
     method, options = method_of(case, 1)
     if case == "calibrated-microbatch":
         options = {"microbatches": K_TOTAL}
     net = make_net()
     xs, y = data()
     balancer = modfuse.Balancer(net, encoders=dict(net.enc), shared=net.head, method=method, **options)
-    return train(net, net, balancer, xs, y)
+    result = train(net, net, balancer, xs, y)
+    if case == "inforeg":
+        balancer.end_epoch()
+    return (*result, balancer.stats())
+
+
+class KernelDtypes:
+    """Records the dtypes of the tensors the fused ops are called with (modfuse.ops attributes, looked up by the
+    methods at call time): op name -> sorted set of dtype names of its tensor arguments."""
+
+    # op -> the positions of its data arguments (not the per-segment scales or the counts)
+    OPS = {
+        "linear_moments": (0, 1),
+        "calibrated_aggregate": (0, 1),
+        "segment_moments": (0,),
+        "segment_scale_": (0,),
+        "moments_accumulate_": (0, 1, 2),
+    }
+
+    def __init__(self):
+        self.seen: dict[str, set] = {}
+
+    def __enter__(self):
+        from modfuse import ops
+
+        self._orig = {name: getattr(ops, name) for name in self.OPS}
+        for name, fn in self._orig.items():
+
+            def recording(*args, _fn=fn, _name=name, **kwargs):
+                found = self.seen.setdefault(_name, set())
+                found.update(str(args[i].dtype) for i in self.OPS[_name] if i < len(args))
+                return _fn(*args, **kwargs)
+
+            setattr(ops, name, recording)
+        return self
+
+    def __exit__(self, *exc):
+        from modfuse import ops
+
+        for name, fn in self._orig.items():
+            setattr(ops, name, fn)
+
+    def result(self):
+        return {name: sorted(v) for name, v in self.seen.items()}
+
+
+def sharded(net, mesh):
+    """FSDP2 as the tests use it: each encoder its own group, the root holding the head and the fusion layer."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in DIMS:
+        fully_shard(net.enc[m], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
+def bf16_step(net, model, case, world, xs, y):
+    """One Balancer step of a float32 model with the forward under bf16 autocast: (.grad, kernel dtypes)."""
+    method, options = method_of(case, world)
+    b = modfuse.Balancer(model, encoders=dict(net.enc), shared=net.head, method=method, **options)
+    xs = {m: x.float() for m, x in xs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kw = losses(model, xs, y)
+    with KernelDtypes() as seen:
+        assert b.backward(**kw)
+    return snapshot(net)[0], seen.result()
 
 
 # -- the spawned job ------------------------------------------------------------------------------------------------
@@ -227,21 +299,39 @@ def scenarios(rank, world, out):
 
     # FSDP2
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
     for case in LINEAR + PER_RANK:
 
         def fsdp_case(case=case):
-            net = make_net()
-            for m in DIMS:
-                fully_shard(net.enc[m], mesh=mesh)
-            fully_shard(net, mesh=mesh)
+            net = sharded(make_net(), mesh)
             xs, y = local(rank, world)
             b = balancer(net, net, case)
-            return (*train(net, net, b, xs, y), b.stats())
+            result = train(net, net, b, xs, y)
+            if case == "inforeg":
+                b.end_epoch()  # its Fisher trace: partial sums over the shards
+            return (*result, b.stats())
 
         run(f"fsdp2/{case}", fsdp_case)
+
+    # FSDP2 with ragged batches: per-sample weighting through FSDP2's reduce-scatter and the methods' partial sums
+    for case in FSDP2_RAGGED:
+
+        def fsdp_ragged(case=case):
+            net = sharded(make_net(), mesh)
+            xs, y = local(rank, world, sizes=RAGGED[world])
+            return train(net, net, balancer(net, net, case), xs, y)
+
+        run(f"fsdp2-ragged/{case}", fsdp_ragged)
+
+    # FSDP2 under bf16 autocast (float32 model)
+    for case in BF16_FSDP2:
+
+        def fsdp_bf16(case=case):
+            net = sharded(make_net().float(), mesh)
+            return bf16_step(net, net, case, world, *local(rank, world))
+
+        run(f"fsdp2-bf16/{case}", fsdp_bf16)
 
     # a ragged last batch: per-sample weighting equals one process on the concatenation
     for case in ["none", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2"]:
@@ -290,10 +380,7 @@ def scenarios(rank, world, out):
 
     # FSDP2: calibrated's per-objective backwards fire FSDP2's collectives, so a missing modality raises everywhere
     def fsdp_missing():
-        net = make_net()
-        for m in DIMS:
-            fully_shard(net.enc[m], mesh=mesh)
-        fully_shard(net, mesh=mesh)
+        net = sharded(make_net(), mesh)
         b = balancer(net, net, "calibrated-per_sample")
         kw = losses(net, *local(rank, world))
         if rank == world - 1:
@@ -301,6 +388,14 @@ def scenarios(rank, world, out):
         return b.backward(**kw)
 
     run("missing/fsdp2-calibrated", fsdp_missing)
+
+    # FSDP2, micro-batch route, Balancer built after the forward: it never saw FSDP2's unsharded parameters
+    def fsdp_late_balancer():
+        net = sharded(make_net(), mesh)
+        kw = losses(net, *local(rank, world))
+        return balancer(net, net, "calibrated-microbatch").backward(**kw)
+
+    run("fsdp2-microbatch-late", fsdp_late_balancer)
 
     # a batch too small for microbatches on one rank: raised on every rank at once
     def too_small():
@@ -471,28 +566,72 @@ def test_ddp(job, single, case, view):
 
 @pytest.mark.parametrize("case", LINEAR + PER_RANK)
 def test_fsdp2(job, single, case):
-    """Methods with plain gradients run through FSDP2's own reduce-scatter; calibrated's per-sample route runs Op 4
-    shard-local (moment banks reduce-scattered onto each rank's shards, no all-gather); the others refuse at
-    construction, naming the method and FSDP2."""
-    world, results = job
+    """One backward through FSDP2's own reduce-scatter, then shard-local statistics (one tiny all-reduce) and each
+    rank works on its own shards; calibrated's per-sample route runs Op 4 shard-local (moment banks
+    reduce-scattered onto each rank's shards, no all-gather); the refused cases raise at construction, naming the
+    method and FSDP2."""
+    _, results = job
     name = f"fsdp2/{case}"
-    method = method_of(case, world)[0]
-    if case in ("calibrated-microbatch", "calibrated-precision", "inforeg", "agm", "cggm"):
-        for res in results:
-            _, etype, message, _ = res[name]
-            assert etype == "ValueError" and method in message and "FSDP2" in message, message
-        return
     for rank, res in enumerate(results):
         grads, params, stats = ok(res[name], name)
-        # the linear methods' stats() are summed over the ranks' shards: the same numbers on every rank
+        # the linear methods' stats() are summed over the ranks' shards: the same numbers on every rank, and
+        # one process's (inforeg's after an epoch: its Fisher trace from the shards' partial sums)
         assert case not in single or stats == ok(results[0][name], name)[2], (
             f"{name}: rank {rank} stats differ from rank 0"
         )
         if case in single:
             close(grads, single[case][0], f"{name} rank {rank} .grad")
             close(params, single[case][1], f"{name} rank {rank} parameters")
+            assert set(stats) == set(single[case][2]), (name, stats)
+            for key, want in single[case][2].items():
+                # calibrated's per-element means: an element whose gradient is rounding noise (a dead feature)
+                # may fall on either side of t^2 = 1, so they may differ by up to 2 of the head's elements
+                tol = 2 / HEAD_NUMEL if key.endswith(("/belief", "/zero_evidence")) else 1e-12
+                assert stats[key] == pytest.approx(want, rel=1e-9, abs=tol), f"{name} rank {rank} stats {key}"
     if case not in single:
         same_on_every_rank(results, name)
+
+
+@pytest.mark.parametrize("case", FSDP2_RAGGED)
+def test_fsdp2_ragged_batches_weight_every_sample_equally(job, single, case):
+    """13+11 and 9+8+7 under FSDP2: FSDP2's reduce-scatter scaled by world * N_r / N and the methods' partial sums
+    give one process on the concatenated batch."""
+    _, results = job
+    for rank, res in enumerate(results):
+        grads, params = ok(res[f"fsdp2-ragged/{case}"], case)
+        close(grads, single[case][0], f"FSDP2 ragged rank {rank} .grad")
+        close(params, single[case][1], f"FSDP2 ragged rank {rank} parameters")
+
+
+# the dtypes each fused op documents under bf16 autocast of a float32 model: linear_moments takes the layer's
+# bf16 input and output gradient and returns float32 banks; Op 4 and Ops 6-7 see the float32 gradients and banks
+BF16_KERNELS = {
+    "none": {},
+    "ogm_ge": {"segment_moments": ["torch.float32"], "segment_scale_": ["torch.float32"]},
+    "calibrated-per_sample": {"linear_moments": ["torch.bfloat16"], "calibrated_aggregate": ["torch.float32"]},
+    "calibrated-microbatch": {"moments_accumulate_": ["torch.float32"], "calibrated_aggregate": ["torch.float32"]},
+}
+
+
+@pytest.mark.parametrize("case", BF16_FSDP2)
+def test_fsdp2_autocast_bf16(job, case):
+    """The forward under torch.autocast("cpu", bfloat16), float32 parameters, FSDP2: the same step as one process
+    under the same autocast, to a bf16-fit tolerance (the ranks' bf16 matmuls sum fewer samples each), and the
+    fused ops see the dtypes they document."""
+    _, results = job
+    net = make_net().float()
+    want, want_dtypes = bf16_step(net, net, case, 1, *data())
+    assert want_dtypes == BF16_KERNELS[case], want_dtypes
+    for rank, res in enumerate(results):
+        grads, dtypes = ok(res[f"fsdp2-bf16/{case}"], case)
+        assert dtypes == want_dtypes, (rank, dtypes)
+        assert set(grads) == set(want)
+        for n, w in want.items():
+            g = grads[n]
+            assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all(), n
+            # relative to the tensor's norm: bf16 carries 8 bits (eps 7.8e-3)
+            error = float((g - w).norm() / w.norm().clamp(min=1e-12))
+            assert error < 2e-2, f"FSDP2 bf16 {case} rank {rank} {n}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("case", ["none", "calibrated-per_sample", "ogm_ge", "greedy", "mmpareto", "i2m2"])
@@ -540,6 +679,14 @@ def test_fsdp2_missing_modality_raises_on_every_rank(job):
             assert etype == "ValueError" and "FSDP2" in message and "'b'" in message, message
         else:
             assert etype == "RuntimeError" and f"rank(s) [{world - 1}]" in message, message
+
+
+def test_fsdp2_microbatch_needs_the_forward(job):
+    """A Balancer built after the forward cannot know FSDP2's unsharded parameters: a clear error on every rank."""
+    for res in job[1]:
+        kind, etype, message, _ = res["fsdp2-microbatch-late"]
+        assert kind == "error" and etype == "ValueError", message
+        assert "FSDP2" in message and "before the forward" in message, message
 
 
 def test_batch_too_small_raises_on_every_rank(job):

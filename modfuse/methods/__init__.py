@@ -96,8 +96,8 @@ class Method:
             raise ValueError(
                 f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
                 "backwards per step or the whole gradient of a group on every rank; use "
-                "DistributedDataParallel, or a method that runs under FSDP2 (none, mimo, i2m2, "
-                "utilization, calibrated with moments='per_sample', ogm_ge, greedy, mmpareto, pmr)"
+                "DistributedDataParallel, or a built-in method (all run under FSDP2; calibrated with "
+                "moments='per_sample')"
             )
 
     # -- the two decisions ----------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ What differs from the authors' code, and why:
 - the 1e-8 floor on the probability is BalanceBenchmark's (the authors' code has none; a zero gives inf).
 Masked forwards run in the model's current mode (the authors switch to eval for them).
 Distributed: the score sums and sample counts are summed over ranks before k is formed, so every rank scales by
-the same k, equal to one process on the concatenated batch.
+the same k, equal to one process on the concatenated batch. Under FSDP2 the masked forwards run on every rank (each
+all-gathers the parameters as FSDP2's forward does), the gradients come from one plain backward through FSDP2's
+reduce-scatter, the score sums and counts go in one tiny all-reduce, and each rank scales its own shards by k.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class AGM(Method):
     requires = ("fused", "fused_logits", "target", "forward", "inputs")
     modulates_encoders = True
     plain_gradients = False
-    fsdp2 = False
+    fsdp2 = True
 
     def __init__(self, groups, alpha: float = 0.1, start_epoch: int = 0, end_epoch: int = 50):
         super().__init__(groups)
@@ -108,8 +110,12 @@ class AGM(Method):
         phi = shapley_responses(step.forward, step.inputs, groups.modalities, step.fused_logits)
         sums = torch.stack([response_losses(phi[m], step.target).sum() for m in groups.modalities]).double()
         count = torch.tensor([float(step.target.shape[0])], dtype=torch.float64, device=sums.device)
-        # one packed collective: encoder banks, other gradients, score sums and sample counts
-        banks = reduce_encoder_banks(groups, total, summed=[sums, count])
+        if groups.fsdp:  # one backward through FSDP2's reduce-scatter, then the [M + 1] sums in one all-reduce
+            groups.backward(total, groups.trainable)
+            groups.all_reduce_(summed=[sums, count])
+            banks = None
+        else:  # one packed collective: encoder banks, other gradients, score sums and sample counts
+            banks = reduce_encoder_banks(groups, total, summed=[sums, count])
         scores = (sums / count).cpu()
         k = coefficients(scores, self.running, self.alpha)
         self.steps += 1
@@ -119,6 +125,12 @@ class AGM(Method):
         if not active:
             return
         for u, m in enumerate(groups.modalities):
+            if banks is None:  # FSDP2: this rank's shards of the encoder's gradients, one foreach launch
+                ps = [p for layout in groups.encoder_layouts[m] for p in layout.params if p.grad is not None]
+                shards = [g for g in (p.grad.to_local() for p in ps) if g.numel()]
+                if shards:
+                    torch._foreach_mul_(shards, float(k[u]))
+                continue
             for layout, buf in banks[m]:
                 scale = torch.full((len(layout.params),), float(k[u]), dtype=torch.float64, device=buf.device)
                 ops.segment_scale_(buf[0], layout.offsets, scale)

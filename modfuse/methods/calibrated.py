@@ -26,7 +26,9 @@ before Op 4, so every rank computes the update of the global batch: the per-samp
 on the concatenated batch; with micro-batches each rank cuts its own batch into K parts (world * K samples), each
 scaled by K_total / N_total so that their mean is the gradient of the mean loss over all ranks' samples. An
 objective missing on a rank (a modality absent there) adds zeros with count 0 on that rank.
-Under FSDP2 the method raises at construction (its several backwards need the unsharded parameters).
+Under FSDP2 both routes run shard-local (see _fsdp_finish): the micro-batch backwards differentiate w.r.t. FSDP2's
+unsharded parameters (read by a pre-forward hook), and no partial backward reshards them (see
+_unsharded_across_backwards), so they cost no collective.
 Options: moments, microbatches (8; K = 4 gives weak evidence), kappa (1), eps (None: 1e-20 float32,
 1e-30 float64), evidence_max (1e6), include_fused (True: the fused objective is one of the rows), compile
 (False: run the statistics stage through torch.compile(fullgraph=True)), collectives ("reduce_scatter": under
@@ -34,12 +36,15 @@ torch.distributed each rank runs Op 4 on its 1/W slice of the summed banks and o
 (W-1)/W (2R + 1) D elements per rank against 2 (W-1)/W 2R D for "all_reduce" of the banks), evidence ("t": the
 per-element t-statistic above; "precision": the BOGC-MML paper's reading, one evidence per objective from the
 precision of its mean gradient relative to the objectives' mean precision, in plain PyTorch:
-reference.calibrated_aggregate_precision, docs/math.md#calibrated; it rebalances towards steadier objectives,
-all-reduces the banks whole under torch.distributed and raises under FSDP2).
+reference.calibrated_aggregate_precision, docs/math.md#calibrated; it rebalances towards steadier objectives and
+all-reduces the banks whole under a process group or DDP; under FSDP2 it runs shard-local like the t route, its
+one whole-bank quantity, the mean variance of each row, being a sum over elements that the route's one tiny
+all-reduce carries; that path is always eager: compile=True does not apply there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -84,20 +89,9 @@ class Calibrated(Method):
         super().__init__(groups)
         if evidence not in ("t", "precision"):
             raise ValueError(f"evidence must be 't' (per-element t-statistic) or 'precision', got {evidence!r}")
-        if evidence == "precision" and groups.fsdp:
-            raise ValueError(
-                "method 'calibrated' with evidence='precision' cannot run under FSDP2 (fully_shard): its evidence "
-                "is a mean over every shared element, and each rank holds a shard only; use evidence='t'"
-            )
         self.evidence = evidence
         if moments not in ("microbatch", "per_sample"):
             raise ValueError(f"moments must be 'microbatch' or 'per_sample', got {moments!r}")
-        if groups.fsdp and moments == "microbatch":
-            raise ValueError(
-                "method 'calibrated' with moments='microbatch' cannot run under FSDP2 (fully_shard): "
-                "its R * K backwards need the unsharded parameters; use moments='per_sample' (it runs "
-                "shard-local under FSDP2), or DistributedDataParallel"
-            )
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2:
             raise ValueError(f"microbatches must be an int >= 2 (a variance needs two samples), got {microbatches!r}")
         if not groups.shared:
@@ -131,6 +125,19 @@ class Calibrated(Method):
             for module in self._linear:
                 self._hooks.append(module.register_forward_hook(lambda mod, args, out: _record(me, mod, args, out)))
             self._finalizer = weakref.finalize(self, _remove, list(self._hooks))
+        self._unsharded: dict[int, torch.Tensor] = {}  # FSDP2: id(sharded shared param) -> its unsharded tensor
+        if moments == "microbatch" and groups.fsdp:
+            # the micro-batch backwards differentiate w.r.t. the tensors the forward used: FSDP2's unsharded
+            # parameters, which it sets on the owning modules before their forward (read by a pre-hook)
+            me = weakref.ref(self)
+            shared = {id(p) for _, p in groups.shared}
+            for module in groups.model.modules():
+                names = [(n, id(p)) for n, p in module._parameters.items() if p is not None and id(p) in shared]
+                if names:
+                    self._hooks.append(
+                        module.register_forward_pre_hook(lambda mod, _, names=names: _record_unsharded(me, mod, names))
+                    )
+            self._finalizer = weakref.finalize(self, _remove, list(self._hooks))
 
     def _op4(self, *args):
         # the module-level function looked up per call, so a wrapper such as op_timer sees it
@@ -163,6 +170,11 @@ class Calibrated(Method):
             raise ValueError("the per-sample losses must all have the same length N (one batch)")
         if self.moments == "microbatch" and N < self.K:
             raise ValueError(f"a batch of N = {N} samples cannot be cut into microbatches = {self.K} parts")
+        if self.moments == "microbatch" and self.groups.fsdp and not self._unsharded:
+            raise ValueError(
+                "moments='microbatch' under FSDP2 saw no forward of the shared parameters' modules: build the "
+                "Balancer before the forward pass (it reads FSDP2's unsharded parameters there)"
+            )
         if self.moments == "per_sample" and not any(self._calls.values()):
             raise ValueError(
                 "moments='per_sample' saw no forward call of the shared nn.Linear layers since the last "
@@ -182,10 +194,11 @@ class Calibrated(Method):
         N = next(loss.shape[0] for loss in local.values())
         banks = [MomentBank(layout, len(rows), self._zeroed) for layout in self.layouts]
         reached: set[int] = set()
-        if self.moments == "microbatch":
-            self._microbatch_moments(rows, N, banks, reached, step)
-        else:
-            self._per_sample_moments(rows, N, banks, reached)
+        with self._unsharded_across_backwards():
+            if self.moments == "microbatch":
+                self._microbatch_moments(rows, N, banks, reached, step)
+            else:
+                self._per_sample_moments(rows, N, banks, reached)
         shared = {id(p) for _, p in groups.shared}
         others = [p for p in groups.trainable if id(p) not in shared]
         if groups.fsdp:
@@ -292,21 +305,65 @@ class Calibrated(Method):
                         f"shared parameter {groups.name_of(p)!r} received no gradient from any objective of this step"
                     )
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-            out, stats = (self._compiled or self._op4)(
-                mine[:R].contiguous(), mine[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
-            )
-            L = mine.shape[1]
-            real = sum(numel for _, _, numel in where)
-            # sums over this rank's slice (padding has zero belief and zero evidence), then over ranks
-            sums = torch.stack([stats[:, 0], stats[:, 1], stats[:, 2] * L, stats[:, 3] * L - (L - real)], 1)
-            groups.all_reduce_(summed=[sums])
-            sums[:, 2:] /= bank.layout.numel
+            if self.evidence == "precision":
+                out, sums = self._precision_shard(mine[:R], mine[R:], bank.n, eps, bank.layout.numel)
+            else:
+                out, stats = (self._compiled or self._op4)(
+                    mine[:R].contiguous(), mine[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
+                )
+                L = mine.shape[1]
+                real = sum(numel for _, _, numel in where)
+                # sums over this rank's slice (padding has zero belief and zero evidence), then over ranks
+                sums = torch.stack([stats[:, 0], stats[:, 1], stats[:, 2] * L, stats[:, 3] * L - (L - real)], 1)
+                groups.all_reduce_(summed=[sums])
+                sums[:, 2:] /= bank.layout.numel
             out = out.to(bank.layout.dtype)
             with torch.no_grad():
                 for p, start, numel in where:
                     local = p.grad.to_local()
                     local.copy_(out[start : start + numel].view_as(local))
             self._last.append((names, sums))
+
+    def _precision_shard(self, S1, S2, n, eps, D):
+        """FSDP2, evidence="precision" on this rank's slice [R, L] of the summed banks: the one whole-bank quantity,
+        mean_d v_rd / n_r, is a sum over elements, so its shard-local partial sums go over ranks in one tiny float64
+        all-reduce with sum_d mu^2 (for stats()); then the per-row evidence and belief are those of
+        reference.calibrated_aggregate_precision and Op 4's sum over rows runs on the slice. Padding elements (zero
+        sums) add nothing. Returns (out [L], stats [R, 4] in the layout of the t route: sums, then means over D)."""
+        n = n.reshape(-1, 1)
+        mu = S1 / n
+        v = torch.clamp(S2 - n * mu.square(), min=0) / (n - 1)
+        partial = torch.stack([(v / n).sum(1), mu.square().sum(1)], 1).double()
+        self.groups.all_reduce_(summed=[partial])
+        precision = 1 / (partial[:, 0] / D + eps)
+        e = torch.clamp(precision.numel() * precision / precision.sum(), max=self.evidence_max)
+        b = e / (e + self.kappa)
+        out = (b.to(mu.dtype).reshape(-1, 1) * mu).sum(0)
+        return out, torch.stack([partial[:, 1], b.square() * partial[:, 1], b, (e == 0).double()], 1)
+
+    @contextlib.contextmanager
+    def _unsharded_across_backwards(self):
+        """FSDP2: the partial backwards (per objective, or per objective and micro-batch) must not reshard the
+        parameters after each of them, or the next one's pre-backward hook would all-gather them again (R or R*K
+        all-gathers of the shared group per step). FSDP2's set_reshard_after_backward(False) keeps them
+        unsharded, as its gradient accumulation does; the setting is restored before the step's real backward,
+        which then finds them unsharded and reshards them at its end as usual."""
+        if not self.groups.fsdp:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.groups.model.modules() if isinstance(m, FSDPModule)]
+        # the setter is public; the current value is read where the setter writes it
+        before = [[g.reshard_after_backward for g in m._get_fsdp_state()._fsdp_param_groups] for m in modules]
+        for m in modules:
+            m.set_reshard_after_backward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m, values in zip(modules, before):
+                for g, value in zip(m._get_fsdp_state()._fsdp_param_groups, values):
+                    g.reshard_after_backward = value
 
     def _zeroed(self, purpose, shape, dtype, device):
         """Zeroed moment banks, persistent across steps (Groups.buffer)."""
@@ -320,6 +377,8 @@ class Calibrated(Method):
 
     def _microbatch_moments(self, rows, N, banks, reached, step):
         params = [p for layout in self.layouts for p in layout.params]
+        if self.groups.fsdp:  # the unsharded tensors of this forward: full-size local gradients, as without FSDP2
+            params = [self._unsharded.get(id(p), p) for p in params]
         bounds = torch.linspace(0, N, self.K + 1).round().long().tolist()
         scratch = [
             self.groups.buffer(("calibrated", id(layout)), (layout.numel,), layout.dtype, layout.device, scratch=True)
@@ -429,6 +488,14 @@ def _record(method_ref, module, args, output):
     method = method_ref()
     if method is not None and torch.is_grad_enabled() and output.requires_grad:
         method._calls.setdefault(module, []).append((args[0].detach(), output))
+
+
+def _record_unsharded(method_ref, module, names):
+    """FSDP2 pre-forward: the tensors FSDP2 has set on `module` for this forward (its unsharded parameters)."""
+    method = method_ref()
+    if method is not None:
+        for name, key in names:
+            method._unsharded[key] = module._parameters[name]
 
 
 def _forget(method_ref):

@@ -31,7 +31,13 @@ What differs from the authors' code, and why:
   plain `loss.backward()` would not do.
 Distributed: the classifier gradients (weighted N_r / N) and the correct counts are summed in the same collective
 as the encoder banks, so every rank's classifiers and B stay identical and the step equals one process on the
-concatenated batch.
+concatenated batch. Under FSDP2 (W_F sharded by rows): one plain backward through FSDP2's reduce-scatter; every
+whole-tensor quantity is a sum over elements, so each rank forms shard-local partial sums and one float64
+all-reduce carries them with the classifier gradients and the counts: the Gram of [W_F, W_1, ..., W_M] over its
+own rows of W_F (the classifiers are replicated), each encoder's squared gradient norm before scaling and the
+other parameters' (W_F's after the pending term); the clip's total norm is then
+sqrt(sum_u (rou B_u)^2 |g_u|^2 + |g_rest|^2), and each rank scales, clips and adds the direction term (its own rows
+of dL_gm / dW_F; `pending` is that rank's shard) on its own shards. No gradient is all-gathered.
 """
 
 from __future__ import annotations
@@ -56,15 +62,20 @@ def direction_gradient(fusion: torch.Tensor, heads: list[torch.Tensor], B: torch
     X = torch.stack([fusion.detach().reshape(-1), *(h.detach().reshape(-1).to(fusion.dtype) for h in heads)])
     acc = torch.promote_types(X.dtype, torch.float32)
     X = X.to(acc)
-    G = ops.gram(X).double()
+    cos, w = direction_weights(ops.gram(X).double(), B)
+    return cos, ops.weighted_sum(X, w).view_as(fusion)
+
+
+def direction_weights(G: torch.Tensor, B: torch.Tensor):
+    """(cos_u, w) from the float64 Gram of [W_F, W_1, ..., W_M]: dL_gm / dW_F = sum_r w_r X_r over those rows."""
     norms = G.diagonal().sqrt()
-    M = len(heads)
+    M = G.shape[0] - 1
     cos = G[0, 1:] / (norms[0] * norms[1:])
     Bd = B.to(G.dtype)
     w = torch.empty(M + 1, dtype=torch.float64, device=G.device)
     w[0] = (Bd * cos).sum() / (M * norms[0] ** 2)
     w[1:] = -Bd / (M * norms[1:] * norms[0])
-    return cos, ops.weighted_sum(X, w).view_as(fusion)
+    return cos, w
 
 
 @register
@@ -73,7 +84,7 @@ class CGGM(Method):
     requires = ("fused", "features", "target", "fused_logits")
     modulates_encoders = True
     plain_gradients = False
-    fsdp2 = False
+    fsdp2 = True
 
     def __init__(
         self,
@@ -163,6 +174,26 @@ class CGGM(Method):
         grads = torch.autograd.grad(sum(losses), params)
         flat = torch.cat([g.reshape(-1) for g in grads]) * groups.weight  # N_r / N: summed, it is the mean
         counts = torch.stack([*correct, torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)])
+        if groups.fsdp:
+            flat, accuracy, B, cos = self._fsdp_backward(total, flat, counts)
+        else:
+            accuracy, B, cos = self._modulate(total, flat, counts)
+        start = 0
+        for p in params:
+            p.grad = flat[start : start + p.numel()].view_as(p).clone()
+            start += p.numel()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._last = {f"{m}/coefficient": float(B[u]) for u, m in enumerate(mods)}
+        self._last.update({f"{m}/classifier_accuracy": float(accuracy[u]) for u, m in enumerate(mods)})
+        if cos is not None:
+            self._last.update({f"{m}/cos": float(cos[u]) for u, m in enumerate(mods)})
+            self._last["direction_loss"] = float((B.abs().sum() - (B * cos).sum()) / len(mods))
+
+    def _modulate(self, total, flat, counts):
+        """Without FSDP2: encoder banks, classifier gradients and counts in one packed collective, then the
+        direction term, the encoder scaling and the clip on the whole (reduced) gradients."""
+        groups, mods = self.groups, self.groups.modalities
         banks = reduce_encoder_banks(groups, total, summed=[flat, counts])
         counts = counts.cpu()
         accuracy = counts[:-1] / counts[-1]
@@ -184,17 +215,59 @@ class CGGM(Method):
                 ops.segment_scale_(buf[0], layout.offsets, scale.to(buf.device))
         if self.clip is not None:  # the authors' clip_grad_norm_ over the model, after the modulation
             torch.nn.utils.clip_grad_norm_([p for p in groups.trainable if p.grad is not None], self.clip)
-        start = 0
-        for p in params:
-            p.grad = flat[start : start + p.numel()].view_as(p).clone()
-            start += p.numel()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._last = {f"{m}/coefficient": float(B[u]) for u, m in enumerate(mods)}
-        self._last.update({f"{m}/classifier_accuracy": float(accuracy[u]) for u, m in enumerate(mods)})
-        if cos is not None:
-            self._last.update({f"{m}/cos": float(cos[u]) for u, m in enumerate(mods)})
-            self._last["direction_loss"] = float((B.abs().sum() - (B * cos).sum()) / len(mods))
+        return accuracy, B, cos
+
+    def _fsdp_backward(self, total, flat, counts):
+        """FSDP2: see the module docstring. Returns (summed classifier gradients, accuracy, B, cos)."""
+        groups, mods = self.groups, self.groups.modalities
+        M = len(mods)
+        groups.backward(total, groups.trainable)
+        W = self.fusion_head
+        if W.grad is None:
+            raise ValueError("the fusion head received no gradient from the step's losses (cggm's fusion_head)")
+        W_grad = W.grad.to_local()
+        if self.pending is not None:
+            W_grad.add_(self.pending.to(W_grad.dtype))
+        # this rank's rows of W_F and of every classifier weight (FSDP2's Shard(0) chunk of W_F)
+        start, count = groups.shard_range(W)
+        first, rows = start // W.shape[1], count // W.shape[1]
+        X = torch.stack(
+            [W.detach().to_local().reshape(-1)]
+            + [w.detach()[first : first + rows].reshape(-1).to(W.dtype) for w, _ in self.classifiers]
+        ).to(torch.promote_types(W.dtype, torch.float32))
+        dev = W_grad.device
+        gram = ops.gram(X).double() if X.shape[1] else torch.zeros(M + 1, M + 1, dtype=torch.float64, device=dev)
+        encoders = {id(p) for m in mods for layout in groups.encoder_layouts[m] for p in layout.params}
+        shards = {m: _shards(p for layout in groups.encoder_layouts[m] for p in layout.params) for m in mods}
+        rest = _shards(p for p in groups.trainable if id(p) not in encoders)
+        sq = torch.stack([_sq_norm(shards[m], dev) for m in mods] + [_sq_norm(rest, dev)])
+        packed = torch.cat([flat.double().to(dev), counts.double().to(dev), gram.to(dev).reshape(-1), sq])
+        groups.all_reduce_(summed=[packed])  # one float64 collective
+        packed = packed.cpu()
+        flat = packed[: flat.numel()].to(flat)
+        counts = packed[flat.numel() : flat.numel() + M + 1]
+        gram = packed[flat.numel() + M + 1 : -(M + 1)].view(M + 1, M + 1)
+        sq = packed[-(M + 1) :]
+        accuracy = counts[:-1] / counts[-1]
+        B = balancing_terms(accuracy, self.previous)
+        self.previous = accuracy
+        cos = None
+        if self.lamda > 0:
+            cos, w = direction_weights(gram, B)
+            local = ops.weighted_sum(X, w.to(X.device)) if X.shape[1] else X[0]
+            self.pending = self.lamda * local.view_as(W_grad)
+        scales = [self.rou * float(B[u]) for u in range(M)]
+        with torch.no_grad():
+            for u, m in enumerate(mods):
+                if shards[m]:
+                    torch._foreach_mul_(shards[m], scales[u])
+            if self.clip is not None:  # clip_grad_norm_'s rule, on the global norm
+                norm = float(sum(s * s * float(sq[u]) for u, s in enumerate(scales)) + float(sq[M])) ** 0.5
+                coefficient = min(self.clip / (norm + 1e-6), 1.0)
+                everything = [g for m in mods for g in shards[m]] + rest
+                if everything:
+                    torch._foreach_mul_(everything, coefficient)
+        return flat, accuracy, B, cos
 
     def stats(self):
         return dict(self._last)
@@ -216,10 +289,10 @@ class CGGM(Method):
         classifiers, previous, pending = state["classifiers"], state["previous"], state["pending"]
         if not isinstance(previous, torch.Tensor) or previous.shape != (M,):
             raise ValueError(f"the cggm state's previous accuracies must be a tensor of {M} values, got {previous!r}")
-        if pending is not None and (not isinstance(pending, torch.Tensor) or pending.shape != self.fusion_head.shape):
-            raise ValueError(
-                f"the cggm state's pending gradient must be None or of shape {tuple(self.fusion_head.shape)}"
-            )
+        # under FSDP2, pending is this rank's rows of dL_gm / dW_F
+        shape = self.fusion_head.to_local().shape if self.groups.fsdp else self.fusion_head.shape
+        if pending is not None and (not isinstance(pending, torch.Tensor) or pending.shape != shape):
+            raise ValueError(f"the cggm state's pending gradient must be None or of shape {tuple(shape)}")
         if classifiers is not None and (
             not isinstance(classifiers, list)
             or len(classifiers) != M
@@ -238,3 +311,15 @@ class CGGM(Method):
                 self.optimizer.load_state_dict(state["optimizer"])
         self.previous = previous.double().cpu().clone()
         self.pending = None if pending is None else pending.detach().clone()
+
+
+def _shards(params) -> list[torch.Tensor]:
+    """FSDP2: this rank's non-empty gradient shards of `params` (None gradients skipped)."""
+    return [g for g in (p.grad.to_local() for p in params if p.grad is not None) if g.numel()]
+
+
+def _sq_norm(tensors: list[torch.Tensor], device) -> torch.Tensor:
+    """float64 sum of the squared norms of `tensors`, on `device` (0 for none)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack([t.double().square().sum().to(device) for t in tensors]).sum()

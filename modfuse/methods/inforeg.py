@@ -23,7 +23,11 @@ What differs from the authors' code, and why:
 Fused ops: the encoder's gradients sit in a flat bank (Groups.backward_into_banks); one Op 1 launch per encoder
 gives every tensor's sum of squares for the trace; row 1 of the bank holds theta - theta^anchor.
 Distributed: the scores are sums over samples and the gradients the reduced ones, so every rank takes the same
-decision and the step equals one process on the concatenated batch.
+decision and the step equals one process on the concatenated batch. Under FSDP2: one plain backward through
+FSDP2's reduce-scatter; the anchors are this rank's shards; per modality the shard-local partial sums of
+g.g / n_t, g.d / n_t and d.d / n_t (d = theta - theta^anchor, over its dim >= 2 tensors of n_t elements) go with
+the scores in one tiny all-reduce, so the trace of g + beta d is g.g + 2 beta g.d + beta^2 d.d without a second
+collective, and each rank adds beta d to its own shards (d only where the window is open, which every rank knows).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class InfoReg(Method):
     requires = ("fused", "unimodal", "logits", "target")
     modulates_encoders = True
     plain_gradients = False
-    fsdp2 = False
+    fsdp2 = True
 
     def __init__(self, groups, coefficient: float = 0.95, window: float = 0.04):
         super().__init__(groups)
@@ -82,6 +86,10 @@ class InfoReg(Method):
         for m, layouts in self.groups.encoder_layouts.items():
             out[m] = []
             for layout in layouts:
+                if self.groups.fsdp:  # this rank's shards, end to end
+                    shards = [p.detach().to_local().reshape(-1) for p in layout.params]
+                    out[m].append(torch.cat(shards).clone())
+                    continue
                 flat = layout.grad_rows(1)[0]
                 layout.flatten_into(flat, [p.detach() for p in layout.params])
                 out[m].append(flat)
@@ -92,6 +100,9 @@ class InfoReg(Method):
         scores = torch.stack(
             [true_class_probability(step.logits[m].detach(), step.target).sum() for m in groups.modalities]
         ).double()
+        if groups.fsdp:
+            self._fsdp_backward(total, scores)
+            return
         banks = reduce_encoder_banks(groups, total, rows=2, summed=[scores])
         open_ = torch.tensor(
             [window_signal(self.traces[m]) > self.window for m in groups.modalities], device=scores.device
@@ -108,6 +119,43 @@ class InfoReg(Method):
                 sizes = (layout.offsets[1:] - layout.offsets[:-1]).to(sq)
                 weights = torch.tensor([p.dim() >= 2 for p in layout.params], dtype=sq.dtype, device=sq.device)
                 self._epoch_trace[m] += float((sq / sizes.clamp(min=1) * weights).sum())
+
+    def _fsdp_backward(self, total, scores):
+        """FSDP2: plain backward through FSDP2's reduce-scatter, then one tiny all-reduce (scores and the trace's
+        partial sums, see the module docstring); each rank adds beta d to its own gradient shards."""
+        groups, mods = self.groups, self.groups.modalities
+        groups.backward(total, groups.trainable)
+        open_ = [window_signal(self.traces[m]) > self.window for m in mods]  # the same on every rank
+        # per modality: g.g, g.d, d.d over n_t, on the scores' device (one collective for both)
+        partial = torch.zeros(len(mods), 3, dtype=torch.float64, device=scores.device)
+        shards = []
+        for u, m in enumerate(mods):
+            for layout, anchor in zip(groups.encoder_layouts[m], self.anchors[m]):
+                start = 0
+                for p in layout.params:
+                    theta = p.detach().to_local()
+                    a = anchor[start : start + theta.numel()].view_as(theta)
+                    start += theta.numel()
+                    g = p.grad.to_local() if p.grad is not None else None
+                    d = theta - a if open_[u] else None
+                    shards.append((u, g, d))
+                    if p.dim() < 2 or theta.numel() == 0:
+                        continue
+                    gd = None if g is None else g.double()
+                    dd = None if d is None else d.double()
+                    for j, (x, y) in enumerate([(gd, gd), (gd, dd), (dd, dd)]):
+                        if x is not None and y is not None:
+                            partial[u, j] += torch.dot(x.reshape(-1), y.reshape(-1)).to(partial.device) / p.numel()
+        groups.all_reduce_(summed=[scores, partial])
+        beta = proximal_coefficients(scores, torch.tensor(open_, device=scores.device), self.coefficient)
+        self._beta = beta.tolist()
+        with torch.no_grad():
+            for u, g, d in shards:
+                if self._beta[u] > 0 and g is not None and d is not None:
+                    g.add_(d.to(g.dtype), alpha=self._beta[u])
+        for u, (gg, gd, dd) in enumerate(partial.tolist()):
+            b = self._beta[u]
+            self._epoch_trace[mods[u]] += gg + 2 * b * gd + b * b * dd
 
     def end_epoch(self, epoch):
         for m in self.groups.modalities:
@@ -147,7 +195,7 @@ class InfoReg(Method):
         if not isinstance(anchors, torch.Tensor) or anchors.shape != (sum(sizes),):
             raise ValueError(
                 f"the inforeg state's anchors must be one tensor of {sum(sizes)} values (this model's "
-                f"encoder parameters), got {getattr(anchors, 'shape', anchors)!r}"
+                f"encoder parameters; under FSDP2 this rank's shards), got {getattr(anchors, 'shape', anchors)!r}"
             )
         parts = iter(torch.split(anchors, sizes))
         self.anchors = {m: [next(parts).to(a) for a in self.anchors[m]] for m in self.groups.modalities}
