@@ -6,8 +6,10 @@ Model: bench/step_overhead.py's toy late-fusion model (two MLP encoders, shared 
 256, batch 128, Adam; a bare `loss.backward()` step beside Balancer steps with method "none" and "ogm_ge". Each tree
 runs in its own subprocess, alternating, `--rounds` times; printed is the median over rounds of each run's median
 step CPU time (time.process_time, robust to other processes sharing the cores) and the ratio to the bare step.
-First, in this process: the non-finite gradient check main ran (`_foreach_norm(ord=inf)`) beside this tree's
-`Groups.check_finite` (fused 2-norm + exact confirm) on three parameter sets, min CPU time of 3 x 20 calls.
+First, in this process: the non-finite gradient checks main ran (before issue 15: `_foreach_norm(ord=inf)`; after
+its first round: `_foreach_norm` 2-norms) beside this tree's `Groups.check_finite` (Op 1b's squared norms + exact
+confirm), and the same when a method's own reduction already proves every tensor finite (greedy's norms, ogm_ge's
+moments: `proven=`), on three parameter sets, min CPU time of 3 x 20 calls.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ def worker(steps: int) -> dict:
     return out
 
 
-def check_finite_comparison() -> list[tuple[str, float, float, float]]:
-    """(parameter set, millions of elements, ms of main's inf-norm check, ms of Groups.check_finite)."""
+def check_finite_comparison() -> list[tuple[str, float, float, float, float, float]]:
+    """(parameter set, millions of elements, ms of: main's inf-norm check, the _foreach_norm 2-norm check,
+    Groups.check_finite, Groups.check_finite with every tensor proven by a method)."""
     import torch
     from torch import nn
 
@@ -70,6 +73,10 @@ def check_finite_comparison() -> list[tuple[str, float, float, float]]:
     def inf_norm_check(grads):  # main's Groups.check_finite body
         maxima = torch.stack([m.double() for m in torch._foreach_norm(grads, ord=float("inf"))])
         return (~torch.isfinite(maxima)).nonzero().flatten().tolist()
+
+    def two_norm_check(grads):  # Groups.check_finite's body after issue 15's first round
+        norms = torch.stack(torch._foreach_norm(grads, 2)).to(torch.float64)
+        return (~torch.isfinite(norms)).nonzero().flatten().tolist()
 
     sets = [
         ("toy, hidden 256", LateFusion({"pix": 240, "zer": 47}, 256)),
@@ -84,15 +91,22 @@ def check_finite_comparison() -> list[tuple[str, float, float, float]]:
         encoders = {"only": model}
         groups = modfuse.Balancer(model, encoders=encoders, method="none").groups
         grads = [p.grad for p in params]
+        bound = torch.stack(torch._foreach_norm(grads, 2)).double().norm().reshape(1)  # what a method would hand in
+        checks = {
+            "inf": lambda: inf_norm_check(grads),
+            "two": lambda: two_norm_check(grads),
+            "now": lambda: groups.check_finite(params),
+            "proven": lambda: groups.check_finite(params, proven=[(params, bound)]),
+        }
         best = {}
         for _ in range(3):
-            for label, check in (("inf", lambda: inf_norm_check(grads)), ("now", lambda: groups.check_finite(params))):
+            for label, check in checks.items():
                 check()
                 for _ in range(20):
                     start = time.process_time()
                     check()
                     best[label] = min(best.get(label, 1e9), time.process_time() - start)
-        out.append((name, sum(p.numel() for p in params) / 1e6, best["inf"] * 1e3, best["now"] * 1e3))
+        out.append((name, sum(p.numel() for p in params) / 1e6, *(best[k] * 1e3 for k in checks)))
     return out
 
 
@@ -109,9 +123,15 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(1)
-    print("non-finite gradient check, min CPU ms: main's inf-norm vs Groups.check_finite")
-    for name, millions, old, new in check_finite_comparison():
-        print(f"  {name:18s} {millions:6.2f}M elements  {old:8.2f} ms  {new:7.2f} ms  {old / new:5.1f}x")
+    print(
+        "non-finite gradient check, min CPU ms: inf-norm (main before issue 15) | _foreach_norm 2-norm (its first "
+        "round) | Groups.check_finite | the same, every tensor proven by the method; ratios to the 2-norm check"
+    )
+    for name, millions, inf, two, now, proven in check_finite_comparison():
+        print(
+            f"  {name:18s} {millions:6.2f}M elements  {inf:8.2f} | {two:7.2f} | {now:7.2f} ({two / now:4.2f}x) | "
+            f"{proven:6.3f} ({two / proven:5.0f}x) ms"
+        )
     print()
     here = Path(__file__).resolve().parent.parent
     trees = {"after": here} | ({"before": args.before.resolve()} if args.before else {})

@@ -178,10 +178,11 @@ class Balancer:
         groups.hold(saved.values())  # the buffers these live in are not reused by this call
         for p in self.trainable:
             p.grad = None
+        self.method.proven = []
         try:
             self.method.backward(step, total)
             self._check_reached()
-            bad = groups.check_finite(self.trainable)
+            bad = groups.check_finite(self.trainable, proven=self.method.proven)
             if bad:
                 raise NonFiniteGradient(f"the gradient of {bad[0]!r} is NaN or Inf")
         except NonFiniteGradient as e:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import math
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from modfuse import ops
 from modfuse.banks import FlatParams
 
 REPLICAS = ("check", "broadcast", "trust")
@@ -556,29 +558,45 @@ class Groups:
             self._plans[key] = _Plan(segments, summed, self.bucket_cap_bytes, order)
         return self._plans[key]
 
-    def check_finite(self, params: Sequence[torch.nn.Parameter]) -> list[str]:
+    def check_finite(self, params: Sequence[torch.nn.Parameter], proven: Sequence[tuple] = ()) -> list[str]:
         """Names of the parameters whose `.grad` holds a NaN or Inf: one fused 2-norm per dtype, one sync.
 
-        A NaN or Inf element makes the 2-norm NaN or Inf, so a finite norm proves a finite tensor; the 2-norm is
-        15-20x faster than the inf-norm on the CPU (`_foreach_norm` has no fast max-abs path there). A norm can
-        also overflow on finite values (16-bit dtypes are accumulated in float32, which cannot; float32 squares
-        can, past 1.8e19), so the few tensors flagged are confirmed with an exact `isfinite` pass."""
+        A NaN or Inf element makes the 2-norm NaN or Inf, so a finite norm proves a finite tensor; the squared
+        norms come from Op 1b (`tensor_sq_norms`, the tensors read where they are). A norm can also overflow on
+        finite values (16-bit dtypes are accumulated in float32, which cannot; float32 squares can, past 1.8e19),
+        so the few tensors flagged are confirmed with an exact `isfinite` pass.
+
+        `proven`: (parameters, bounds) pairs from the method's own reductions of this step: every `|.grad|`
+        element of those parameters is at most max(bounds). Where the bounds are below the dtype's largest
+        finite value, the parameters are not read again (the method already read them: greedy's norms, ogm_ge's
+        moments); otherwise they are checked exactly."""
+        covered: dict[int, int] = {}
+        for j, (ps, _) in enumerate(proven):
+            covered.update((id(p), j) for p in ps)
         grads = [(p, p.grad) for p in params if p.grad is not None]
         if not grads:
             return []
         local = [g.to_local() if hasattr(g, "to_local") else g for _, g in grads]
         by_kind: dict[tuple, list[int]] = {}
         for i, g in enumerate(local):
-            by_kind.setdefault((g.device, g.dtype), []).append(i)
-        norms: list[torch.Tensor] = []
+            if id(grads[i][0]) not in covered and g.numel() > 0:
+                by_kind.setdefault((g.device, g.dtype), []).append(i)
+        sums: list[torch.Tensor] = []
         order: list[int] = []
-        for (_, dtype), idx in by_kind.items():
-            acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-            found = torch._foreach_norm([local[i] for i in idx], 2, dtype=acc)
-            norms.append(torch.stack(found).to("cpu", torch.float64))
+        for idx in by_kind.values():
+            sums.append(ops.tensor_sq_norms([local[i] for i in idx]).to("cpu", torch.float64))
             order += idx
-        flagged = (~torch.isfinite(torch.cat(norms))).nonzero().flatten().tolist()
-        bad = sorted(order[j] for j in flagged if not bool(torch.isfinite(local[order[j]]).all()))
+        largest = {}
+        for i, g in enumerate(local):
+            j = covered.get(id(grads[i][0]))
+            if j is not None:
+                largest[j] = min(largest.get(j, math.inf), torch.finfo(g.dtype).max)
+        bounds = [proven[j][1].detach().reshape(-1).amax().to("cpu", torch.float64).reshape(1) for j in largest]
+        values = torch.cat(sums + bounds) if sums or bounds else torch.zeros(0, dtype=torch.float64)  # one sync
+        flagged = [order[j] for j in (~torch.isfinite(values[: len(order)])).nonzero().flatten().tolist()]
+        failed = {j for j, b in zip(largest, values[len(order) :].tolist()) if not b < largest[j]}
+        flagged += [i for i in range(len(grads)) if covered.get(id(grads[i][0]), -1) in failed]
+        bad = sorted(i for i in flagged if not bool(torch.isfinite(local[i]).all()))
         return [self.name_of(grads[i][0]) for i in bad]
 
     def _check_replicas(self, broadcast: bool) -> None:

@@ -144,3 +144,55 @@ def test_discarded_balancer_is_collected_and_stops_recording():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         net(xs)
+
+
+# -- the finite check reads only what the method has not already reduced (issue 15) ------------------------------
+def _finite_check_reads(b, monkeypatch):
+    """The tensors the Balancer's finite check hands to Op 1b after the step just taken."""
+    read = []
+    real = modfuse.ops.tensor_sq_norms
+    monkeypatch.setattr(modfuse.ops, "tensor_sq_norms", lambda ts, **kw: read.extend(ts) or real(ts, **kw))
+    assert b.groups.check_finite(b.groups.trainable, proven=b.method.proven) == []
+    monkeypatch.setattr(modfuse.ops, "tensor_sq_norms", real)
+    return {t.data_ptr() for t in read}
+
+
+@pytest.mark.parametrize("method, options", [("greedy", {"window_steps": 1}), ("ogm_ge", {"ge": True})])
+def test_finite_check_skips_what_the_method_reduced(method, options, monkeypatch):
+    net = SharedHeadNet(DIMS)
+    xs, y = batch(DIMS, N=16)
+    b = balancer_for(net, method, **options)
+    assert b.backward(**losses(net, xs, y))
+    encoder_grads = {p.grad.data_ptr() for m in DIMS for p in net.enc[m].parameters()}
+    other_grads = {p.grad.data_ptr() for p in [*net.fuse.parameters(), *net.head.parameters()]}
+    read = _finite_check_reads(b, monkeypatch)
+    assert read == other_grads and not read & encoder_grads
+
+
+def test_finite_check_with_proofs():
+    net = SharedHeadNet(DIMS)
+    b = balancer_for(net, "none")
+    a, c = list(net.enc["a"].parameters())[:2]
+    a.grad, c.grad = torch.ones_like(a), torch.ones_like(c)
+    a.grad.view(-1)[-1] = float("nan")
+    # a bound that is NaN (what a NaN element makes of the method's norm) sends the parameters to the exact check
+    assert b.groups.check_finite([a, c], proven=[([a], torch.tensor([float("nan")]))]) == ["enc.a.0.weight"]
+    # a bound past the dtype's largest value on finite elements: confirmed exactly, not a false alarm
+    a.grad.view(-1)[-1] = 3e38
+    big = torch.tensor([3e39], dtype=torch.float64)
+    assert b.groups.check_finite([a, c], proven=[([a], big)]) == []
+    c.grad.view(-1)[0] = float("inf")
+    assert b.groups.check_finite([a, c], proven=[([a], big)]) == ["enc.a.0.bias"]
+
+
+@pytest.mark.parametrize("method, options", [("greedy", {"window_steps": 1}), ("ogm_ge", {"ge": True})])
+def test_inf_gradient_in_a_proven_encoder_is_skipped(method, options):
+    net = SharedHeadNet(DIMS)
+    xs, y = batch(DIMS, N=16)
+    b = balancer_for(net, method, **options)
+    kw = losses(net, xs, y)
+    first = next(net.enc["b"].parameters())
+    first.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+    with pytest.warns(RuntimeWarning, match="NaN or Inf"):
+        assert not b.backward(**kw)
+    assert all(p.grad is None for p in net.parameters())

@@ -92,6 +92,10 @@ class Method:
 
     def __init__(self, groups: Groups):
         self.groups = groups
+        # (parameters, bounds) from this step's own reductions: every |.grad| element of those parameters is at
+        # most max(bounds), so the Balancer's finite check need not read them again (Groups.check_finite).
+        # Emptied by the Balancer before each backward.
+        self.proven: list[tuple[list, torch.Tensor]] = []
         if groups.fsdp and not self.fsdp2:
             raise ValueError(
                 f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "

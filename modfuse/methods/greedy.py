@@ -113,6 +113,8 @@ class Greedy(Method):
             params = [p for layout in groups.encoder_layouts[m] for p in layout.params]
             grads = [_local(p.grad) for p in params if p.grad is not None]
             sq[u] = sq_norm_sums(grads, [_local(p.detach()) for p in params])
+            # every |g| element <= the gradients' joint 2-norm (under FSDP2: the local shards', before the all-reduce)
+            self.proven.append((params, sq[u, :1].sqrt()))
         if groups.fsdp:
             groups.all_reduce_(summed=[sq])  # shard-local partial sums: one tiny [M, 2] collective
         sq = sq.to(self.speeds.device)

@@ -20,9 +20,10 @@ weight stays finite, where the unclipped formula would put the whole step on the
 it by ~1e154 (inf in float32; inf * 0 = NaN in `.grad`).
 Differences from the authors' code: none in the math on two modalities; their encoder selection is by parameter
 name ('audio'/'visual' in the name, 'head' excluded), here the encoders given to the Balancer.
-Fused ops: the two gradients are the rows of one [3, D] bank; Op 5 (gram) gives a, ab, b in one pass, Op 6
-(weighted_sum) writes g; for the per-tensor rescale row 2 holds g_mm + g_m, one Op 1 launch gives both per-tensor
-norms and one segment_scale_ applies the factors.
+Fused ops: the two gradients are the rows of one [3, D] bank; Op 5 (gram) gives a, ab, b in one pass. For the
+per-tensor rescale (the default) row 2 holds g_mm + g_m, g / 2 is written over g_m by one in-place `lerp_` (w sums
+to 2; Op 6 would need a fresh output and a copy back), one Op 1 launch gives both per-tensor norms and one
+segment_scale_ applies the factors (times 2). rescale="encoder" writes g with Op 6 (weighted_sum).
 """
 
 from __future__ import annotations
@@ -189,9 +190,10 @@ class MMPareto(Method):
             g_sq = w[0] ** 2 * a + 2 * w[0] * w[1] * ab + w[1] ** 2 * b
             return ops.weighted_sum(X[:2], w * rescale_factor(a + 2 * ab + b, g_sq) * self.gamma)
         torch.add(X[0], X[1], out=X[2])
-        X[1].copy_(ops.weighted_sum(X[:2], w))  # g; X[1] is no longer needed
-        sq = ops.segment_sq_norms(X[1:], offsets).double()  # [2, tensors]: ||g_t||^2, ||g_mm,t + g_m,t||^2
-        ops.segment_scale_(X[1], offsets, rescale_factor(sq[1], sq[0]) * self.gamma)
+        # g / 2 = w_mm g_mm + (1 - w_mm) g_m (w sums to 2), written over g_m in one pass with no new buffer
+        X[1].lerp_(X[0], (w[0] / 2).to(X.dtype).to(X.device))
+        sq = ops.segment_sq_norms(X[1:], offsets).double()  # [2, tensors]: ||g_t / 2||^2, ||g_mm,t + g_m,t||^2
+        ops.segment_scale_(X[1], offsets, rescale_factor(sq[1], 4 * sq[0]) * (2 * self.gamma))
         return X[1]
 
     def stats(self):

@@ -137,9 +137,12 @@ class OGMGE(Method):
                 grad = buf[0]
                 mask = self._mask(layout, grad.device)
                 scale = torch.where(mask, k[u].to(grad.device), torch.ones((), dtype=k.dtype, device=grad.device))
-                noise_std = self._noise_std(grad, layout, mask) if self.ge else None
-                if noise_std is not None and not bool(torch.isfinite(noise_std).all()):
-                    raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
+                noise_std = None
+                if self.ge:
+                    noise_std, bound = self._std_and_bound(grad, layout, mask, scale)
+                    if not bool(torch.isfinite(noise_std).all()):
+                        raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
+                    self.proven.append((layout.params, bound))  # the Balancer's finite check reads it, not grad
                 ops.segment_scale_(grad, layout.offsets, scale, noise_std=noise_std, seed=self.seed, offset=offset)
                 offset += layout.numel
         if self.ge:
@@ -218,12 +221,23 @@ class OGMGE(Method):
         """Per-tensor std of the unscaled gradient (unbiased, as torch.std) + 1e-8; 0 where not modulated.
 
         Sums and sums of squares come from one Op 7 launch, accumulated in float64 (no float64 copy of the bank)."""
+        return OGMGE._std_and_bound(grad, layout, mask, None)[0]
+
+    @staticmethod
+    def _std_and_bound(grad, layout, mask, scale):
+        """`_noise_std`, and a bound on every |element| after segment_scale_(grad, scale, noise_std): a NaN or Inf
+        gradient makes it NaN or Inf, so the Balancer's finite check need not read the bank again.
+
+        |k g + std z| <= |k| sqrt(sum g^2) + 9 std, as |z| < 9 for the kernel's normals (Box-Muller radius
+        sqrt(-2 ln u) with u >= 2^-53), and std <= sqrt(sum g^2) + 1e-8."""
         moments = ops.segment_moments(grad, layout.offsets)
         n = (layout.offsets[1:] - layout.offsets[:-1]).to(device=grad.device, dtype=torch.float64)
         sums, sq = moments[:, 0], moments[:, 1]
         var = torch.clamp(sq - sums.square() / n.clamp(min=1), min=0) / torch.clamp(n - 1, min=1)
-        std = var.sqrt() + 1e-8
-        return torch.where(mask & (n > 1), std, torch.zeros_like(std))
+        std = torch.where(mask & (n > 1), var.sqrt() + 1e-8, torch.zeros_like(var))
+        if scale is None:
+            return std, None
+        return std, sq.sqrt() * scale.abs().to(sq.dtype) + 9 * std
 
     def stats(self):
         if self._k is None:
