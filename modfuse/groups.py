@@ -60,6 +60,23 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def collective_device() -> torch.device:
+    """Where the Balancer's small CPU tensors (agreement flags, statistics, scores) must be for a collective of the
+    default process group: the CPU under gloo or mpi (or a per-device backend with a CPU part, such as
+    "cpu:gloo,cuda:nccl", torch's default), else the current accelerator: NCCL has no CPU path."""
+    backend = str(dist.get_backend()).lower()
+    parts = [b.split(":")[0].strip() for b in backend.split(",")] if ":" in backend else []
+    if "cpu" in parts or backend in ("gloo", "mpi"):
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None:
+        raise RuntimeError(
+            f"the default process group's backend {backend!r} has no CPU path and no accelerator is available: "
+            "init the process group with backend='gloo' (CPU) or 'cpu:gloo,cuda:nccl'"
+        )
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
 def _named(names: dict[int, str], what, group: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Trainable (name, parameter) pairs of a module or an iterable of parameters, all belonging to the model."""
     params = what.parameters() if isinstance(what, torch.nn.Module) else what
@@ -175,6 +192,8 @@ class Groups:
         self.distributed = distributed()
         self.world = dist.get_world_size() if distributed() else 1
         self.rank = dist.get_rank() if distributed() else 0
+        # CPU tensors of a collective are staged here (the current GPU under NCCL), see collective_device()
+        self.comm_device = collective_device() if distributed() else torch.device("cpu")
         self.weight = 1.0 / self.world  # this rank's share of the step (N_r / N), set by agree()
         self.synced = True  # False inside Balancer.no_sync(): collectives are deferred
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # persistent step buffers, see buffer()
@@ -322,6 +341,7 @@ class Groups:
         flags[W + 1] = float(batch)
         flags[W + 2 : W + 2 + len(rows)] = torch.tensor([float(r) for r in rows], dtype=torch.float64)
         flags[W + 2 + len(rows) :] = torch.tensor([float(r > 0) for r in rows], dtype=torch.float64)
+        flags = flags.to(self.comm_device)
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)
         values = flags.tolist()
         N = values[W + 1]
@@ -344,8 +364,8 @@ class Groups:
             return
         items = [(t, True) for t in weighted] + [(t, False) for t in summed]
         by_kind: dict[tuple, list] = {}
-        for t, w in items:
-            by_kind.setdefault((t.device, t.dtype), []).append((t, w))
+        for t, w in items:  # CPU tensors go with the comm device's (NCCL: the current GPU)
+            by_kind.setdefault((self.comm_device if t.device.type == "cpu" else t.device, t.dtype), []).append((t, w))
         for (device, dtype), group in by_kind.items():
             sizes = [t.numel() for t, _ in group]
             flat = self.buffer("all_reduce_", (sum(sizes),), dtype, device, scratch=True)
@@ -605,14 +625,16 @@ class Groups:
         for layout in self.layouts([(self.name_of(p), p) for p in params]):
             mine = layout.grad_rows(1)[0]
             layout.flatten_into(mine, [p.detach() for p in layout.params])
-            theirs = mine.clone()
+            theirs = mine.to(self.comm_device, copy=True) if mine.device.type == "cpu" else mine.clone()
             dist.broadcast(theirs, src=0)
+            theirs = theirs.to(mine.device)
             if broadcast:
                 with torch.no_grad():
                     for p, view in zip(layout.params, layout.views(theirs)):
                         p.copy_(view)
                 continue
             differ = torch.tensor([0.0 if torch.equal(mine, theirs) else 1.0], dtype=torch.float64)
+            differ = differ.to(self.comm_device)
             dist.all_reduce(differ)
             if differ.item() > 0:
                 raise ValueError(
