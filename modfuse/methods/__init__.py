@@ -138,6 +138,13 @@ class Method:
         """Remove whatever the method attached to the model (hooks)."""
 
 
+def wire_dtype(groups: Groups) -> torch.dtype:
+    """The dtype for a method's small sums (scores, counts) that travel with the encoder gradients: the banks'
+    dtype when it is float32/float64 (they then ride in the gradients' collective), else float64."""
+    dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float64
+
+
 def reduce_encoder_banks(groups: Groups, total: torch.Tensor, rows: int = 1, summed=()):
     """Plain backward with every encoder's gradients in flat banks (row 0 = `.grad`), then one packed
     collective for the banks, every other gradient and `summed`; unreached parameters end with `.grad = None`.

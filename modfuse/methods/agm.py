@@ -39,7 +39,7 @@ import torch
 
 from modfuse import _checks as check
 from modfuse import ops
-from modfuse.methods import Method, reduce_encoder_banks, register
+from modfuse.methods import Method, reduce_encoder_banks, register, wire_dtype
 
 
 def shapley_responses(forward, inputs, modalities, full_logits):
@@ -114,8 +114,11 @@ class AGM(Method):
             groups.backward(total, groups.trainable)
             groups.all_reduce_(summed=[sums, count])
             banks = None
-        else:  # one packed collective: encoder banks, other gradients, score sums and sample counts
+        else:  # one packed collective: encoder banks, other gradients, score sums and sample counts (in the
+            # gradients' dtype when that is float32/float64, so they ride in the gradients' collective)
+            sums, count = sums.to(wire_dtype(groups)), count.to(wire_dtype(groups))
             banks = reduce_encoder_banks(groups, total, summed=[sums, count])
+            sums, count = sums.double(), count.double()
         scores = (sums / count).cpu()
         k = coefficients(scores, self.running, self.alpha)
         self.steps += 1

@@ -36,7 +36,7 @@ import torch
 
 from modfuse import _checks as check
 from modfuse import ops
-from modfuse.methods import Method, reduce_encoder_banks, register
+from modfuse.methods import Method, reduce_encoder_banks, register, wire_dtype
 from modfuse.methods.utilization import true_class_probability
 
 
@@ -99,11 +99,14 @@ class InfoReg(Method):
         groups = self.groups
         scores = torch.stack(
             [true_class_probability(step.logits[m].detach(), step.target).sum() for m in groups.modalities]
-        ).double()
+        )
         if groups.fsdp:
-            self._fsdp_backward(total, scores)
+            self._fsdp_backward(total, scores.double())
             return
+        # packed with the gradients, so in their dtype when that is float32/float64 (one collective, not two)
+        scores = scores.to(wire_dtype(groups))
         banks = reduce_encoder_banks(groups, total, rows=2, summed=[scores])
+        scores = scores.double()
         open_ = torch.tensor(
             [window_signal(self.traces[m]) > self.window for m in groups.modalities], device=scores.device
         )
