@@ -24,17 +24,18 @@ namespace modfuse::cpu {
 constexpr int64_t kScaleBlock = 32768;
 
 // Normals of the 4 G consecutive counters counter .. counter + 4 G - 1 (counter a multiple of 4) into z[4 G]:
-// philox::normal_tile (loops over calls), or with AVX2 and float the same operations written with 8-lane
-// intrinsics, one Philox call per lane (GCC does not vectorize the tile loops). Every lane does exactly
+// philox::normal_tile (loops over calls), or with AVX2 the same operations written with intrinsics, one Philox call
+// per 32-bit lane, Box-Muller in 8 float or 4 double lanes (GCC does not vectorize the tile loops). Every lane does exactly
 // philox_normal.h's separately rounded operations, so the bits match.
 template <typename A, int G>
 inline void normal_tile(uint64_t seed, uint64_t counter, A* z) {
   philox::normal_tile<A, G>(seed, counter, z);
 }
-// Philox calls per tile: 8 fill the 8 float lanes of AVX2.
+// Philox calls per tile: 8 fill the 8 integer lanes of AVX2 (for double, two Box-Muller passes of 4 lanes).
 template <typename A> constexpr int kTileCalls = 4;
 #if defined(__AVX2__)
 template <> constexpr int kTileCalls<float> = 8;
+template <> constexpr int kTileCalls<double> = 8;
 #endif
 
 #if defined(__AVX2__)
@@ -91,9 +92,9 @@ inline void box_muller8(__m256i a, __m256i b, __m256& c, __m256& s) {
   s = fmul(radius, _mm256_xor_ps(_mm256_blendv_ps(sin_t, cos_t, odd), _mm256_castsi256_ps(flip_sin)));
 }
 
-// The 32 float normals of counters counter .. counter + 31 (counter a multiple of 4): eight Philox calls, one per
-// lane (philox::normal_tile<float, 8>), into z[32] in counter order.
-inline void normals32(uint64_t seed, uint64_t counter, float* z) {
+// Philox4x32-10 of the eight calls (counter + 4 l) / 4, l < 8, under `seed`: the four words of every call, one
+// call per 32-bit lane (philox::normal_tile's loop, lane by lane).
+inline void philox8(uint64_t seed, uint64_t counter, __m256i w[4]) {
   alignas(32) uint32_t lo32[8], hi32[8];
   for (int l = 0; l < 8; ++l) {
     const uint64_t g = (counter + 4u * static_cast<uint64_t>(l)) >> 2;
@@ -113,9 +114,17 @@ inline void normals32(uint64_t seed, uint64_t counter, float* z) {
     c0 = n0, c1 = lo1, c2 = n2, c3 = lo0;
     k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
   }
+  w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
+}
+
+// The 32 float normals of counters counter .. counter + 31 (counter a multiple of 4): eight Philox calls, one per
+// lane, into z[32] in counter order.
+inline void normals32(uint64_t seed, uint64_t counter, float* z) {
+  __m256i w[4];
+  philox8(seed, counter, w);
   __m256 cos01, sin01, cos23, sin23;
-  box_muller8(c0, c1, cos01, sin01);
-  box_muller8(c2, c3, cos23, sin23);
+  box_muller8(w[0], w[1], cos01, sin01);
+  box_muller8(w[2], w[3], cos23, sin23);
   // transpose the four [8] vectors into counter order: call l's lanes [cos01, sin01, cos23, sin23] at z[4 l ..]
   const __m256 t0 = _mm256_unpacklo_ps(cos01, sin01), t1 = _mm256_unpackhi_ps(cos01, sin01);
   const __m256 t2 = _mm256_unpacklo_ps(cos23, sin23), t3 = _mm256_unpackhi_ps(cos23, sin23);
@@ -126,10 +135,86 @@ inline void normals32(uint64_t seed, uint64_t counter, float* z) {
   _mm256_storeu_ps(z + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
   _mm256_storeu_ps(z + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
 }
+
+// double: philox::box_muller<double> of four word pairs (a, b) (uint32 lanes), lane by lane, into c and s.
+inline __m256d splat_d(double v) { return _mm256_set1_pd(v); }
+template <typename F>
+inline __m256d horner_d(__m256d w, int n, F coef) {
+  __m256d p = splat_d(coef(n - 1));
+  for (int k = n - 2; k >= 0; --k) p = _mm256_add_pd(_mm256_mul_pd(p, w), splat_d(coef(k)));
+  return p;
+}
+inline __m256d u32_to_double(__m128i v) {  // exact: (v - 2^31 as int32) + 2^31
+  return _mm256_add_pd(_mm256_cvtepi32_pd(_mm_xor_si128(v, _mm_set1_epi32(static_cast<int>(0x80000000u)))),
+                       splat_d(2147483648.0));
+}
+inline void box_muller4d(__m128i a, __m128i b, __m256d& c, __m256d& s) {
+  using S = philox::Spec<double>;
+  // u1 = (a + 1) 2^-32 (exact); frexp from the bits; m in [sqrt(1/2), sqrt(2))
+  const __m256d u1 = _mm256_mul_pd(_mm256_add_pd(u32_to_double(a), splat_d(1.0)), splat_d(1.0 / 4294967296.0));
+  const __m256i bits = _mm256_castpd_si256(u1);
+  __m256i e = _mm256_sub_epi64(_mm256_srli_epi64(bits, S::kExpShift), _mm256_set1_epi64x(S::kExpBias));
+  __m256d m = _mm256_castsi256_pd(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi64x(static_cast<long long>(S::kMantissa))),
+                                                  _mm256_set1_epi64x(static_cast<long long>(S::kHalfExponent))));
+  const __m256d low = _mm256_cmp_pd(m, splat_d(0.70710678118654752440), _CMP_LT_OQ);
+  m = _mm256_blendv_pd(m, _mm256_mul_pd(m, splat_d(2.0)), low);
+  e = _mm256_add_epi64(e, _mm256_castpd_si256(low));  // the mask is -1 where low
+  // e (small, in the low 32 bits of each 64-bit lane) to double: gather the low halves, convert as int32
+  const __m128i e32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(e, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+  const __m256d f = _mm256_sub_pd(m, splat_d(1.0));
+  const __m256d sv = _mm256_div_pd(f, _mm256_add_pd(splat_d(2.0), f));
+  const __m256d z = _mm256_mul_pd(sv, sv);
+  const __m256d two_s = _mm256_mul_pd(splat_d(2.0), sv);
+  const __m256d ln_m = _mm256_add_pd(two_s, _mm256_mul_pd(_mm256_mul_pd(two_s, z), horner_d(z, S::kLogTerms, philox::log_coef)));
+  const __m256d ln_u1 = _mm256_add_pd(_mm256_mul_pd(_mm256_cvtepi32_pd(e32), splat_d(0.69314718055994530942)), ln_m);
+  const __m256d radius = _mm256_sqrt_pd(_mm256_mul_pd(splat_d(-2.0), ln_u1));
+  // angle: q = round(b / 2^30) = (b >> 30) + bit 29 of b (no overflow in 32 bits), rem = b - q 2^30 as int32
+  // (exact mod 2^32: it lies in [-2^29, 2^29)), theta = rem pi 2^-31
+  const __m128i q = _mm_add_epi32(_mm_srli_epi32(b, 30), _mm_and_si128(_mm_srli_epi32(b, 29), _mm_set1_epi32(1)));
+  const __m128i rem = _mm_sub_epi32(b, _mm_slli_epi32(q, 30));
+  const __m256d theta = _mm256_mul_pd(_mm256_cvtepi32_pd(rem), splat_d(3.14159265358979323846 / 2147483648.0));
+  const __m256d t2 = _mm256_mul_pd(theta, theta);
+  const __m256d sin_t = _mm256_mul_pd(theta, horner_d(t2, S::kSinTerms, philox::sin_coef));
+  const __m256d cos_t = horner_d(t2, S::kCosTerms, philox::cos_coef);
+  // the quadrant as in box_muller8, in 64-bit lanes
+  const __m256i q64 = _mm256_cvtepu32_epi64(q);
+  const __m256d odd = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(q64, _mm256_set1_epi64x(1)), _mm256_set1_epi64x(1)));
+  const __m256i flip_cos = _mm256_slli_epi64(_mm256_and_si256(_mm256_xor_si256(q64, _mm256_srli_epi64(q64, 1)), _mm256_set1_epi64x(1)), 63);
+  const __m256i flip_sin = _mm256_slli_epi64(_mm256_and_si256(q64, _mm256_set1_epi64x(2)), 62);
+  c = _mm256_mul_pd(radius, _mm256_xor_pd(_mm256_blendv_pd(cos_t, sin_t, odd), _mm256_castsi256_pd(flip_cos)));
+  s = _mm256_mul_pd(radius, _mm256_xor_pd(_mm256_blendv_pd(sin_t, cos_t, odd), _mm256_castsi256_pd(flip_sin)));
+}
+
+// The 32 double normals of counters counter .. counter + 31 (counter a multiple of 4): eight Philox calls, Box-Muller
+// four calls at a time, into z[32] in counter order.
+inline void normals32(uint64_t seed, uint64_t counter, double* z) {
+  __m256i w[4];
+  philox8(seed, counter, w);
+  for (int half = 0; half < 2; ++half) {  // calls 4 half .. 4 half + 3
+    const auto pick = [&](int i) {
+      return half ? _mm256_extracti128_si256(w[i], 1) : _mm256_castsi256_si128(w[i]);
+    };
+    __m256d cos01, sin01, cos23, sin23;
+    box_muller4d(pick(0), pick(1), cos01, sin01);
+    box_muller4d(pick(2), pick(3), cos23, sin23);
+    // transpose into counter order: call l's [cos01, sin01, cos23, sin23] at z[4 l ..]
+    const __m256d t0 = _mm256_unpacklo_pd(cos01, sin01), t1 = _mm256_unpackhi_pd(cos01, sin01);  // calls 0, 2 / 1, 3
+    const __m256d t2 = _mm256_unpacklo_pd(cos23, sin23), t3 = _mm256_unpackhi_pd(cos23, sin23);
+    double* out = z + 16 * half;
+    _mm256_storeu_pd(out, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(out + 4, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(out + 8, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(out + 12, _mm256_permute2f128_pd(t1, t3, 0x31));
+  }
+}
 }  // namespace avx2
 
 template <>
 inline void normal_tile<float, 8>(uint64_t seed, uint64_t counter, float* z) {
+  avx2::normals32(seed, counter, z);
+}
+template <>
+inline void normal_tile<double, 8>(uint64_t seed, uint64_t counter, double* z) {
   avx2::normals32(seed, counter, z);
 }
 #endif
