@@ -13,7 +13,7 @@ Every tensor is scaled by k = 0.6 and gets N(0, std^2) noise, std = the std of i
   added from that buffer (the old fused kernel read the noise from memory; this build's kernel draws it itself, so
   the apply step is the eager `mul_` + `addcmul_` with the per-element std; its parts are timed separately below);
 - new: what methods/ogm_ge.py does now: Op 7 (segment_moments, float64 sums) for the std, then segment_scale_
-  drawing the noise in the kernel (Philox4x32-10 + Box-Muller).
+  drawing the noise in the kernel (Philox4x32-10 + Box-Muller, four normals per call).
 
 Ratios are competitor time / new time (above 1: the new path is faster). Medians over --repeats after a warm-up.
 """

@@ -2,11 +2,14 @@
 // CPU kernel (csrc/cpu/segment_scale.cpp) and the CUDA kernel (csrc/cuda/segment_scale.cu), and written out again
 // in plain PyTorch/numpy in modfuse/reference.py (philox4x32_10, normal_noise).
 //
-// Element d's value depends only on (seed, offset, d): Philox4x32-10 (Salmon et al., SC'11, as in Random123) with
-// key = seed (two 32-bit words, low first) and counter = (offset + d mod 2^64, 0, 0), low word first; then
-// Box-Muller in the accumulation type A. The logarithm and the cosine are our own short series built from
-// separately rounded IEEE +, -, *, / and sqrt only (no libm, no FMA), so the CPU, the GPU and the reference give
-// the same bits, whatever the thread or block layout.
+// Element d's value depends only on (seed, offset, d): with c = offset + d mod 2^64, one Philox4x32-10 call (Salmon
+// et al., SC'11, as in Random123) with key = seed (two 32-bit words, low first) and counter = (c / 4 as 64 bits,
+// 0, 0), low word first, gives four words; words 0, 1 and words 2, 3 are two Box-Muller pairs in the accumulation
+// type A, and element d takes lane c mod 4 of [r01 cos t01, r01 sin t01, r23 cos t23, r23 sin t23]. So four
+// consecutive counters share one call and one log + sqrt per pair, and a range that starts or ends inside a group
+// of four still draws exactly its own lanes. The logarithm, the sine and the cosine are our own short series built
+// from separately rounded IEEE +, -, *, / and sqrt only (no libm, no FMA), so the CPU, the GPU and the reference
+// give the same bits, whatever the thread or block layout.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -64,32 +67,37 @@ inline float sqrt_rn(float a) { return __builtin_sqrtf(a); }
 inline double sqrt_rn(double a) { return __builtin_sqrt(a); }
 #endif
 
-// Per-type constants: how the uniforms are cut from the words and how many series terms reach full precision.
+// Per-type constants: how the uniforms are cut from a pair of words and how many series terms reach full precision.
+// Truncation of the series on |theta| <= pi/4, relative (the first omitted term over sin t = t sinc t, sinc t >= 0.90,
+// or over cos t >= 0.70): float sin to theta^9/9!: (pi/4)^10 / 11! / 0.90 = 2.5e-9, cos to theta^10/10!:
+// (pi/4)^12 / 12! / 0.70 = 1.6e-10 (float eps 6e-8); double sin to theta^17/17!: 1.2e-19, cos to theta^18/18!:
+// 4.6e-21 (double eps 1.1e-16).
 template <typename A> struct Spec;
 template <> struct Spec<float> {
   using U = uint32_t;
   using I = int32_t;
-  static constexpr int kBits = 24;                // uniforms of 24 bits: exact in float
+  static constexpr int kBits = 24;                // uniforms of 24 bits (a word's top 24): exact in float
   static constexpr int kLogTerms = 4;             // 1/3 .. 1/9: truncation < 2e-9 relative
-  static constexpr int kSinTerms = 5, kCosTerms = 6;  // theta^9 / 9!, theta^10 / 10!: < 3e-8
+  static constexpr int kSinTerms = 5, kCosTerms = 6;
   static constexpr int kExpShift = 23, kExpBias = 126;
   static constexpr U kMantissa = 0x007FFFFFu, kHalfExponent = 0x3F000000u;
-  MODFUSE_HD static void uniforms(const Words& r, U& k1, U& k2) {
-    k1 = (r.w[0] >> 8) + 1u;  // [1, 2^24]
-    k2 = r.w[1] >> 8;         // [0, 2^24)
+  MODFUSE_HD static void uniforms(uint32_t a, uint32_t b, U& k1, U& k2) {
+    k1 = (a >> 8) + 1u;  // [1, 2^24]
+    k2 = b >> 8;         // [0, 2^24)
   }
 };
 template <> struct Spec<double> {
   using U = uint64_t;
   using I = int64_t;
-  static constexpr int kBits = 53;
+  // a whole word per uniform (four normals take the call's 128 bits): u1 >= 2^-32, so |z| <= sqrt(64 ln 2) = 6.66
+  static constexpr int kBits = 32;
   static constexpr int kLogTerms = 9;                    // 1/3 .. 1/19: truncation < 3e-17 relative
-  static constexpr int kSinTerms = 9, kCosTerms = 10;    // < 1e-18
+  static constexpr int kSinTerms = 9, kCosTerms = 10;
   static constexpr int kExpShift = 52, kExpBias = 1022;
   static constexpr U kMantissa = 0x000FFFFFFFFFFFFFull, kHalfExponent = 0x3FE0000000000000ull;
-  MODFUSE_HD static void uniforms(const Words& r, U& k1, U& k2) {
-    k1 = ((static_cast<U>(r.w[0]) << 21) | (r.w[1] >> 11)) + 1u;  // [1, 2^53]
-    k2 = (static_cast<U>(r.w[2]) << 21) | (r.w[3] >> 11);         // [0, 2^53)
+  MODFUSE_HD static void uniforms(uint32_t a, uint32_t b, U& k1, U& k2) {
+    k1 = static_cast<U>(a) + 1u;  // [1, 2^32]
+    k2 = b;                       // [0, 2^32)
   }
 };
 
@@ -115,14 +123,15 @@ MODFUSE_HD A horner(A w, int n, F coef) {
   return p;
 }
 
-// Box-Muller of one Philox output: a standard normal in A (float or double).
+// Box-Muller of one pair of Philox words (a, b): r cos t and r sin t in A (float or double), r = sqrt(-2 ln u1),
+// t = 2 pi u2.
 template <typename A>
-MODFUSE_HD A from_words(const Words& r) {
+MODFUSE_HD void box_muller(uint32_t a, uint32_t b, A& cos_out, A& sin_out) {
   using S = Spec<A>;
   using U = typename S::U;
   using I = typename S::I;
   U k1, k2;
-  S::uniforms(r, k1, k2);
+  S::uniforms(a, b, k1, k2);
   // radius sqrt(-2 ln u1), u1 = k1 2^-bits in (0, 1]: u1 = m 2^e with m in [sqrt(1/2), sqrt(2)) (exact frexp)
   const A u1 = mul(static_cast<A>(k1), static_cast<A>(1.0 / static_cast<double>(U(1) << S::kBits)));
   U bits;
@@ -147,30 +156,45 @@ MODFUSE_HD A from_words(const Words& r) {
   const A t2 = mul(theta, theta);
   const A sin_t = mul(theta, horner<A>(t2, S::kSinTerms, sin_coef));
   const A cos_t = horner<A>(t2, S::kCosTerms, cos_coef);
-  // cos(q pi/2 + theta): q = 0 or 4: cos, 1: -sin, 2: -cos, 3: sin
-  const A trig = (q & 1) ? ((q & 2) ? sin_t : -sin_t) : ((q & 2) ? -cos_t : cos_t);
-  return mul(radius, trig);
+  // cos(q pi/2 + theta): q = 0 or 4: cos, 1: -sin, 2: -cos, 3: sin; sin(q pi/2 + theta): 0 or 4: sin, 1: cos,
+  // 2: -sin, 3: -cos (negation is exact)
+  const A c = (q & 1) ? ((q & 2) ? sin_t : -sin_t) : ((q & 2) ? -cos_t : cos_t);
+  const A sn = (q & 1) ? ((q & 2) ? -cos_t : cos_t) : ((q & 2) ? -sin_t : sin_t);
+  cos_out = mul(radius, c);
+  sin_out = mul(radius, sn);
 }
 
-// The standard normal of counter `counter` (offset + d for element d) under `seed`.
+// The four normals of Philox call `group` under `seed`: counters 4 group .. 4 group + 3, in lane order.
+template <typename A>
+MODFUSE_HD void normals4(uint64_t seed, uint64_t group, A z[4]) {
+  const Words r = philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), 0u, 0u,
+                                static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  box_muller<A>(r.w[0], r.w[1], z[0], z[1]);
+  box_muller<A>(r.w[2], r.w[3], z[2], z[3]);
+}
+
+// The standard normal of counter `counter` (offset + d for element d) under `seed` (the stream's definition; the
+// kernels draw whole groups with normals4 / normal_tile instead of calling this per element).
 template <typename A>
 MODFUSE_HD A normal(uint64_t seed, uint64_t counter) {
-  return from_words<A>(philox4x32_10(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), 0u, 0u,
-                                     static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)));
+  A z[4];
+  normals4<A>(seed, counter >> 2, z);
+  return z[counter & 3u];
 }
 
-// CPU: the normals of counters counter .. counter + N - 1 into out[N]. Every step is a loop over the N lanes that
-// the compiler vectorizes (AVX2: vpmuludq for the 32x32->64 products); each lane does exactly what normal() does.
-template <typename A, int N>
+// CPU: the 4 G normals of counters counter .. counter + 4 G - 1 into out[4 G], `counter` a multiple of 4 (G Philox
+// calls; the group index of lane l is (counter + 4 l mod 2^64) / 4, so a tile that crosses 2^64 wraps as the
+// counters do). Every step is a loop over the G lanes; each lane does exactly what normals4() does.
+template <typename A, int G>
 inline void normal_tile(uint64_t seed, uint64_t counter, A* out) {
-  uint32_t c0[N], c1[N], c2[N], c3[N];
-  for (int l = 0; l < N; ++l) {
-    const uint64_t c = counter + static_cast<uint64_t>(l);
-    c0[l] = static_cast<uint32_t>(c), c1[l] = static_cast<uint32_t>(c >> 32), c2[l] = 0u, c3[l] = 0u;
+  uint32_t c0[G], c1[G], c2[G], c3[G];
+  for (int l = 0; l < G; ++l) {
+    const uint64_t g = (counter + 4u * static_cast<uint64_t>(l)) >> 2;
+    c0[l] = static_cast<uint32_t>(g), c1[l] = static_cast<uint32_t>(g >> 32), c2[l] = 0u, c3[l] = 0u;
   }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    for (int l = 0; l < N; ++l) {
+    for (int l = 0; l < G; ++l) {
       const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[l], p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[l];
       const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
       const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
@@ -178,7 +202,10 @@ inline void normal_tile(uint64_t seed, uint64_t counter, A* out) {
     }
     k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
   }
-  for (int l = 0; l < N; ++l) out[l] = from_words<A>(Words{{c0[l], c1[l], c2[l], c3[l]}});
+  for (int l = 0; l < G; ++l) {
+    box_muller<A>(c0[l], c1[l], out[4 * l], out[4 * l + 1]);
+    box_muller<A>(c2[l], c3[l], out[4 * l + 2], out[4 * l + 3]);
+  }
 }
 
 }  // namespace modfuse::philox

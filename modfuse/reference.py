@@ -257,27 +257,38 @@ def _series(kind: str, n: int) -> list[float]:
 
 
 def normal_noise(D: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The standard normals z_d, d < D, of docs/math.md Op 6 in `dtype` (float32 or float64), on the CPU: Philox4x32-10
-    with key = seed and counter = offset + d (mod 2^64), then Box-Muller with the kernels' own log and cos series,
-    every operation separately rounded in `dtype` as in csrc/philox_normal.h."""
+    """The standard normals z_d, d < D, of docs/math.md Op 6 in `dtype` (float32 or float64), on the CPU: with
+    c = offset + d (mod 2^64), Philox4x32-10 with key = seed and counter = c // 4 gives four words, two Box-Muller
+    pairs (words 0, 1 and 2, 3) with the kernels' own log, sin and cos series, and z_d is lane c % 4 of
+    [r01 cos t01, r01 sin t01, r23 cos t23, r23 sin t23]; every operation separately rounded in `dtype` as in
+    csrc/philox_normal.h."""
     import numpy as np
 
     U32 = np.uint64(_U32)
-    wide = dtype == torch.float64
-    bits = 53 if wide else 24
-    d = np.arange(D, dtype=np.uint64) + np.uint64(offset % 2**64)  # wraps mod 2^64, as the kernels' counters
+    first = offset % 2**64
+    lead = first % 4  # lanes of the first group before element 0
+    groups = (D + lead + 3) // 4
+    # the group counters wrap mod 2^62 with the element counters (2^64 is a multiple of 4)
+    g = (np.arange(groups, dtype=np.uint64) + np.uint64(first // 4)) & np.uint64(2**62 - 1)
     seed = seed % 2**64
     words = philox4x32_10(
-        np.stack([d & U32, d >> np.uint64(32), np.zeros_like(d), np.zeros_like(d)], 1),
-        np.broadcast_to(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64), (D, 2)),
-    ).astype(np.uint64)
-    if wide:  # two 53-bit integers from the four words
-        k1 = ((words[:, 0] << np.uint64(21)) | (words[:, 1] >> np.uint64(11))) + np.uint64(1)
-        k2 = (words[:, 2] << np.uint64(21)) | (words[:, 3] >> np.uint64(11))
-    else:  # two 24-bit integers from the first two
-        k1 = (words[:, 0] >> np.uint64(8)) + np.uint64(1)
-        k2 = words[:, 1] >> np.uint64(8)
-    k1, k2 = torch.from_numpy(k1.astype(np.int64)), torch.from_numpy(k2.astype(np.int64))
+        np.stack([g & U32, g >> np.uint64(32), np.zeros_like(g), np.zeros_like(g)], 1),
+        np.broadcast_to(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64), (groups, 2)),
+    ).astype(np.int64)
+    pair01 = _box_muller(torch.from_numpy(words[:, 0]), torch.from_numpy(words[:, 1]), dtype)
+    pair23 = _box_muller(torch.from_numpy(words[:, 2]), torch.from_numpy(words[:, 3]), dtype)
+    lanes = torch.stack([*pair01, *pair23], 1).reshape(-1)  # counter order: group-major, then the 4 lanes
+    return lanes[lead : lead + D].clone()
+
+
+def _box_muller(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r cos t, r sin t) of the word pairs (a, b) (int64 holding uint32), csrc/philox_normal.h's box_muller."""
+    import numpy as np
+
+    wide = dtype == torch.float64
+    bits = 32 if wide else 24  # double: a whole word per uniform; float: a word's top 24 bits
+    k1 = a + 1 if wide else (a >> 8) + 1  # [1, 2^bits]
+    k2 = b if wide else b >> 8  # [0, 2^bits)
 
     def const(v):
         return torch.tensor(v, dtype=dtype)
@@ -303,8 +314,10 @@ def normal_noise(D: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.
     sin_t = theta * _horner(t2, _series("sin", 9 if wide else 5), dtype)
     cos_t = _horner(t2, _series("cos", 10 if wide else 6), dtype)
     odd, high = (q & 1).bool(), (q & 2).bool()
-    trig = torch.where(odd, torch.where(high, sin_t, -sin_t), torch.where(high, -cos_t, cos_t))
-    return radius * trig
+    # cos(q pi/2 + theta) and sin(q pi/2 + theta)
+    cos = torch.where(odd, torch.where(high, sin_t, -sin_t), torch.where(high, -cos_t, cos_t))
+    sin = torch.where(odd, torch.where(high, -cos_t, cos_t), torch.where(high, -sin_t, sin_t))
+    return radius * cos, radius * sin
 
 
 # Op 7 ---------------------------------------------------------------------------------------------------------

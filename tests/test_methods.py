@@ -84,12 +84,19 @@ def test_ogm_ge_noise_is_reproducible_from_seed_and_state():
     again = balancer_for(net, "ogm_ge", seed=3)
     assert all(torch.equal(u, v) for u, v in zip(first, step(again)))
     state = again.method.state_dict()
-    assert state == {"seed": 3, "offset": sum(p.numel() for p in net.enc.parameters())}
+    drawn = sum(p.numel() for p in net.enc.parameters())
+    # the offset moves past the drawn counters, rounded up to a multiple of 4 (each step starts a Philox call)
+    assert state == {"seed": 3, "offset": (drawn + 3) // 4 * 4, "stream": 2}
     restored = balancer_for(net, "ogm_ge", seed=99)
     restored.method.load_state_dict(state)
     assert all(torch.equal(u, v) for u, v in zip(second, step(restored)))
     with pytest.raises(TypeError, match="'offset'"):
         restored.method.load_state_dict({"seed": 3})
+    # a state from before the four-normals stream (no version) would resume with other noise: refused, untouched
+    for old in ({"seed": 3, "offset": 8}, {"seed": 3, "offset": 8, "stream": 1}):
+        with pytest.raises(ValueError, match="noise stream is version .* set state\\['stream'\\] = 2"):
+            restored.method.load_state_dict(old)
+        assert restored.method.state_dict() == {"seed": 3, "offset": 2 * ((drawn + 3) // 4 * 4), "stream": 2}
 
 
 def test_ogm_ge_modulation_forms():

@@ -109,34 +109,48 @@ def test_reference_philox_matches_the_published_known_answers():
 
 
 def exact_box_muller(D, seed, offset, wide):
-    """Box-Muller from the same Philox words with numpy's float64 log/cos/sqrt: the stream's ideal values."""
+    """Box-Muller from the same Philox words with numpy's float64 log/cos/sin/sqrt: the stream's ideal values
+    (element d: c = offset + d, call c // 4, lane c % 4 of [r01 cos, r01 sin, r23 cos, r23 sin])."""
     import numpy as np
 
-    d = np.arange(D, dtype=np.uint64) + np.uint64(offset)
-    zero = np.zeros_like(d)
+    c = np.arange(D, dtype=np.uint64) + np.uint64(offset)  # wraps mod 2^64
+    g, lane = c >> np.uint64(2), (c & np.uint64(3)).astype(np.int64)
+    zero = np.zeros_like(g)
     w = reference.philox4x32_10(
-        np.stack([d & np.uint64(0xFFFFFFFF), d >> np.uint64(32), zero, zero], 1),
+        np.stack([g & np.uint64(0xFFFFFFFF), g >> np.uint64(32), zero, zero], 1),
         np.broadcast_to(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64), (D, 2)),
     ).astype(np.uint64)
-    if wide:
-        k1 = ((w[:, 0] << np.uint64(21)) | (w[:, 1] >> np.uint64(11))) + np.uint64(1)
-        k2 = (w[:, 2] << np.uint64(21)) | (w[:, 3] >> np.uint64(11))
-        u1, u2 = k1.astype(np.float64) * 2.0**-53, k2.astype(np.float64) * 2.0**-53
-    else:
-        u1 = ((w[:, 0] >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0**-24
-        u2 = (w[:, 1] >> np.uint64(8)).astype(np.float64) * 2.0**-24
-    return torch.from_numpy(np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2))
+    pair = 2 * (lane // 2)  # words 0, 1 or 2, 3
+    a, b = w[np.arange(D), pair], w[np.arange(D), pair + 1]
+    if wide:  # a whole word per uniform
+        u1, u2 = (a + np.uint64(1)).astype(np.float64) * 2.0**-32, b.astype(np.float64) * 2.0**-32
+    else:  # a word's top 24 bits
+        u1 = ((a >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0**-24
+        u2 = (b >> np.uint64(8)).astype(np.float64) * 2.0**-24
+    trig = np.where(lane % 2 == 0, np.cos(2 * np.pi * u2), np.sin(2 * np.pi * u2))
+    return torch.from_numpy(np.sqrt(-2 * np.log(u1)) * trig)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_stream_series_are_accurate(dtype):
-    """The kernels' own log and cos series against libm: within 16 ulps of the accumulation dtype."""
+    """The kernels' own log, cos and sin series against libm: within 16 ulps of the accumulation dtype."""
     seed, offset = 0x1234_5678_9ABC_DEF0, 2**64 - 5000  # the counter wraps through 2^64 inside the range
     z = reference.normal_noise(10_000, seed, offset, dtype).double()
     exact = exact_box_muller(10_000, seed, offset, dtype == torch.float64)
     eps = torch.finfo(dtype).eps
-    # measured: float32 at most 1.5 ulps, float64 at most 9 (the log near u1 = 1 and the series add up)
+    # measured: float32 at most 1.9 ulps (0.6M draws), float64 at most 13 (4M; the float64 "exact" side rounds
+    # 2 pi u2 itself, an error that the radius multiplies)
     assert ((z - exact).abs() <= 16 * eps * exact.abs().clamp(min=1)).all()
+
+
+def test_reference_stream_depends_only_on_the_counter():
+    """Element d of a draw at offset o is element 0 of a draw at offset o + d, whatever o mod 4 (a range may start
+    and end inside a group of four), through the wrap at 2^64."""
+    for dtype in (torch.float32, torch.float64):
+        for offset in (0, 1, 2, 3, 6, 2**64 - 7):
+            z = reference.normal_noise(23, 5, offset, dtype)
+            for a in range(23):
+                assert torch.equal(z[a:], reference.normal_noise(23 - a, 5, (offset + a) % 2**64, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -151,6 +165,36 @@ def test_kernel_draws_the_reference_stream_bit_for_bit(dtype, gen, target):
         assert torch.equal(x.cpu(), z)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 2**64 - 3])
+@pytest.mark.parametrize(
+    "offsets",
+    [[0, 1], [0, 2], [0, 3], [0, 5], [0, 1, 2, 3, 4, 5, 9], [0, 6, 7, 7, 38, 71], [0, 33, 40_000, 40_003, 65_539]],
+    ids=lambda o: f"D{o[-1]}-P{len(o) - 1}",
+)
+def test_kernel_groups_of_four_cut_anywhere(dtype, offset, offsets, gen, target):
+    """Four counters share one Philox call: segments, blocks and ranges that start or end inside a group (offsets
+    not a multiple of 4, size 1, odd sizes, tiny and empty segments) still draw exactly the reference's elements,
+    with a scale and std per segment."""
+    target.skip_unless("segment_scale_")
+    P, D = len(offsets) - 1, offsets[-1]
+    x = target((torch.randn(D, generator=gen) * 2).to(dtype))
+    scale = (torch.rand(P, generator=gen, dtype=torch.float64) + 0.25).tolist()
+    std = (torch.rand(P, generator=gen, dtype=torch.float64) * 3).tolist()
+    kw = dict(noise_std=std, seed=0xDEADBEEF12345, offset=offset)
+    y = mf.segment_scale_(x.clone(), offsets, scale, backend=target.backend, **kw)
+    z = mf.segment_scale_(x.clone(), offsets, scale, backend="reference", **kw)
+    assert torch.equal(y.cpu(), z.cpu())
+    # poisoned: a segment with std 0 is scaled only, its neighbours' noise unchanged
+    std0 = [0.0] + std[1:]
+    y0 = mf.segment_scale_(
+        x.clone(), offsets, scale, noise_std=std0, seed=kw["seed"], offset=offset, backend=target.backend
+    )
+    e = offsets[1]
+    assert torch.equal(y0[e:].cpu(), y[e:].cpu())
+    assert torch.equal(y0[:e].cpu(), mf.segment_scale_(x[:e].clone(), [0, e], scale[:1], backend="reference").cpu())
+
+
 def test_a_shard_draws_exactly_its_own_elements(gen, target):
     """FSDP2: the slice [a, b) of a buffer with offset + a gets the whole buffer's noise for those elements."""
     target.skip_unless("segment_scale_")
@@ -163,8 +207,14 @@ def test_a_shard_draws_exactly_its_own_elements(gen, target):
 
 
 def test_stream_statistics():
-    """1e6 draws per dtype: mean 0, variance 1, kurtosis 3, no correlation between neighbouring counters, and
-    different seeds and offsets give uncorrelated streams."""
+    """1e6 draws per dtype: mean 0, variance 1, kurtosis 3, no correlation between neighbouring counters (in and
+    across groups of four), none between the cos and sin lanes of a Box-Muller pair (nor between their squares:
+    the two are independent normals, not just uncorrelated) or between the two pairs of a call, and different
+    seeds give uncorrelated streams."""
+
+    def corr(a, b):
+        return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
     for acc in (torch.float32, torch.float64):
         x = torch.zeros(1_000_000, dtype=acc)
         z = mf.segment_scale_(x, [0, x.numel()], [1.0], noise_std=[1.0], seed=2026, offset=0).double()
@@ -172,11 +222,18 @@ def test_stream_statistics():
         assert abs(z.mean().item()) < 5 / n**0.5
         assert abs(z.var().item() - 1) < 5 * (2 / n) ** 0.5
         assert abs((z**4).mean().item() - 3) < 5 * (96 / n) ** 0.5
-        for lag in (1, 2, 4):
-            assert abs(torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()) < 5 / n**0.5
+        for lag in (1, 2, 3, 4, 5):
+            assert abs(corr(z[:-lag], z[lag:])) < 5 / n**0.5
+        lanes = z.view(-1, 4).t()  # [cos01, sin01, cos23, sin23] of every call
+        bound = 5 / (n / 4) ** 0.5
+        for i, j in [(0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2)]:
+            assert abs(corr(lanes[i], lanes[j])) < bound
+            assert abs(corr(lanes[i] ** 2, lanes[j] ** 2)) < bound
+        for lane in lanes:  # each lane on its own is standard normal
+            assert abs(lane.mean().item()) < bound and abs(lane.var().item() - 1) < 5 * (2 / (n / 4)) ** 0.5
         other = torch.zeros(n, dtype=acc)
         other = mf.segment_scale_(other, [0, n], [1.0], noise_std=[1.0], seed=2027, offset=0).double()
-        assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < 5 / n**0.5
+        assert abs(corr(z, other)) < 5 / n**0.5
         # the normal CDF at a few points
         for t, p in [(-2.0, 0.02275), (-1.0, 0.15866), (0.0, 0.5), (1.0, 0.84134), (2.5, 0.99379)]:
             assert abs((z <= t).double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5

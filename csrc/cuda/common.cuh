@@ -75,6 +75,37 @@ __device__ __forceinline__ A block_sum(A v, A* shared) {
   return total;
 }
 
+// This thread's share of the sum of squares of p[0, n), the block's threads striding over it (add the shares with
+// block_sum): scalar up to the first 16-byte boundary, then 16-byte packs (a segment or a tensor of a list starts
+// at any element address). Used by Op 1 (segment_sq_norms.cu) and Op 1b (tensor_sq_norms.cu).
+template <typename T, typename A>
+__device__ A thread_sum_sq(const T* p, int64_t n) {
+  constexpr int V = kVec16<T>;
+  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15) / static_cast<int64_t>(sizeof(T));
+  int64_t head = misalign == 0 ? 0 : V - misalign;  // scalar elements before the first 16-byte boundary
+  head = head < n ? head : n;
+  A s = A(0);
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
+    const A v = to_acc<A>(p[i]);
+    s += v * v;
+  }
+  const int64_t nv = (n - head) / V;
+  const Pack<T, V>* vp = reinterpret_cast<const Pack<T, V>*>(p + head);
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+    const Pack<T, V> pk = vp[i];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A v = to_acc<A>(pk.v[j]);
+      s += v * v;
+    }
+  }
+  for (int64_t i = head + nv * V + threadIdx.x; i < n; i += blockDim.x) {
+    const A v = to_acc<A>(p[i]);
+    s += v * v;
+  }
+  return s;
+}
+
 inline int to_int(cudaError_t e) { return static_cast<int>(e); }
 
 // Grid size for a grid-stride loop over `work` items of `per_block` each, capped so reductions have a bounded

@@ -8,35 +8,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Sum of squares of p[0, n) over the block's threads, 16-byte loads where the pointer allows.
-template <typename T, typename A>
-__device__ A thread_sum_sq(const T* p, int64_t n) {
-  constexpr int V = kVec16<T>;
-  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15) / static_cast<int64_t>(sizeof(T));
-  int64_t head = misalign == 0 ? 0 : V - misalign;  // scalar elements before the first 16-byte boundary
-  head = head < n ? head : n;
-  A s = A(0);
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-    const A v = to_acc<A>(p[i]);
-    s += v * v;
-  }
-  const int64_t nv = (n - head) / V;
-  const Pack<T, V>* vp = reinterpret_cast<const Pack<T, V>*>(p + head);
-  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
-    const Pack<T, V> pk = vp[i];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const A v = to_acc<A>(pk.v[j]);
-      s += v * v;
-    }
-  }
-  for (int64_t i = head + nv * V + threadIdx.x; i < n; i += blockDim.x) {
-    const A v = to_acc<A>(p[i]);
-    s += v * v;
-  }
-  return s;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pieces_kernel(const T* __restrict__ x, int64_t D,
                                                           const int64_t* __restrict__ pieces, int64_t W,

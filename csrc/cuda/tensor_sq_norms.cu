@@ -9,36 +9,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Sum of squares of p[0, n) over the block's threads: scalar up to the first 16-byte boundary, then 16-byte packs
-// (the tensors of a list start at any element address).
-template <typename T, typename A>
-__device__ A span_sum_sq(const T* p, int64_t n) {
-  constexpr int V = kVec16<T>;
-  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 15) / static_cast<int64_t>(sizeof(T));
-  int64_t head = misalign == 0 ? 0 : V - misalign;
-  head = head < n ? head : n;
-  A s = A(0);
-  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-    const A v = to_acc<A>(p[i]);
-    s += v * v;
-  }
-  const int64_t nv = (n - head) / V;
-  const Pack<T, V>* vp = reinterpret_cast<const Pack<T, V>*>(p + head);
-  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
-    const Pack<T, V> pk = vp[i];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const A v = to_acc<A>(pk.v[j]);
-      s += v * v;
-    }
-  }
-  for (int64_t i = head + nv * V + threadIdx.x; i < n; i += blockDim.x) {
-    const A v = to_acc<A>(p[i]);
-    s += v * v;
-  }
-  return s;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pieces_kernel(const int64_t* __restrict__ table,
                                                           acc_t<T>* __restrict__ partial) {
@@ -46,7 +16,7 @@ __global__ void __launch_bounds__(kThreads) pieces_kernel(const int64_t* __restr
   __shared__ A shared[32];
   const int64_t w = blockIdx.x;
   const T* p = reinterpret_cast<const T*>(static_cast<uintptr_t>(table[2 * w]));
-  const A s = block_sum(span_sum_sq<T, A>(p, table[2 * w + 1]), shared);
+  const A s = block_sum(thread_sum_sq<T, A>(p, table[2 * w + 1]), shared);
   if (threadIdx.x == 0) partial[w] = s;
 }
 

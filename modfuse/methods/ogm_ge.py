@@ -21,8 +21,9 @@ gradients sit in one flat bank (see Groups.backward_into_banks); Op 7 (segment_m
 and sum of squares, accumulated in float64, in one launch, and Op 6 (segment_scale_) scales every tensor and adds
 its noise, drawn inside the kernel, in one more. The noise is the counter-based stream of docs/math.md (Op 6) keyed
 by `seed`: element e of the step's encoder banks (all encoders' layouts in order) gets the stream's value
-offset + e, and `offset` advances by the banks' size every active step, so a run is reproducible from `seed`, the
-same on every rank and device, and an FSDP2 rank draws exactly the elements of its own shards.
+offset + e, and `offset` advances by the banks' size rounded up to a multiple of 4 every active step, so a run is
+reproducible from `seed`, the same on every rank and device, and an FSDP2 rank draws exactly the elements of its
+own shards. The state records the stream's version (STREAM_VERSION): a state saved with another stream is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ from modfuse import ops
 from modfuse.groups import NonFiniteGradient
 from modfuse.methods import Method, reduce_encoder_banks, register
 from modfuse.methods.utilization import true_class_probability
+
+# The noise stream's version in the method state: 2 = four normals per Philox call (docs/math.md, Op 6). A state
+# from before (no "stream" key: one normal per call) would resume with different noise, silently.
+STREAM_VERSION = 2
+
+
+def _advance(offset: int, drawn: int) -> int:
+    """The next step's offset: past the `drawn` counters, rounded up to a multiple of 4 so that every step starts a
+    fresh Philox call (four counters share one; an unaligned start would cost the kernels a partial head group per
+    step and make step t's last call and step t + 1's first overlap)."""
+    return (offset + (drawn + 3) // 4 * 4) % 2**64
 
 
 def concat_head_unimodal_logits(head: torch.nn.Linear, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,10 +155,12 @@ class OGMGE(Method):
                     if not bool(torch.isfinite(noise_std).all()):
                         raise NonFiniteGradient(f"the gradient of encoders[{m!r}] is NaN or Inf")
                     self.proven.append((layout.params, bound))  # the Balancer's finite check reads it, not grad
-                ops.segment_scale_(grad, layout.offsets, scale, noise_std=noise_std, seed=self.seed, offset=offset)
+                ops.segment_scale_(
+                    grad, layout.offsets, scale, noise_std=noise_std, seed=self.seed, offset=offset % 2**64
+                )
                 offset += layout.numel
         if self.ge:
-            self.offset = offset
+            self.offset = _advance(self.offset, offset - self.offset)
 
     def _fsdp_backward(self, total, scores):
         """FSDP2: one plain backward through FSDP2's reduce-scatter, then every rank modulates its own shards.
@@ -199,13 +213,13 @@ class OGMGE(Method):
                     [float(k[u]) if modulated else 1.0],
                     noise_std=[std] if self.ge else None,
                     seed=self.seed,
-                    offset=offset + a + start,
+                    offset=(offset + a + start) % 2**64,
                 )
                 if flat.data_ptr() != g.data_ptr():
                     g.copy_(flat.view_as(g))
             offset += layout.numel
         if self.ge:
-            self.offset = offset
+            self.offset = _advance(self.offset, offset - self.offset)
 
     def _mask(self, layout, device):
         """Which tensors of the layout are modulated, as a bool [P] on `device` (built once per layout)."""
@@ -229,7 +243,7 @@ class OGMGE(Method):
         gradient makes it NaN or Inf, so the Balancer's finite check need not read the bank again.
 
         |k g + std z| <= |k| sqrt(sum g^2) + 9 std, as |z| < 9 for the kernel's normals (Box-Muller radius
-        sqrt(-2 ln u) with u >= 2^-53), and std <= sqrt(sum g^2) + 1e-8."""
+        sqrt(-2 ln u) <= 6.7 with u >= 2^-32, docs/math.md), and std <= sqrt(sum g^2) + 1e-8."""
         moments = ops.segment_moments(grad, layout.offsets)
         n = (layout.offsets[1:] - layout.offsets[:-1]).to(device=grad.device, dtype=torch.float64)
         sums, sq = moments[:, 0], moments[:, 1]
@@ -245,7 +259,7 @@ class OGMGE(Method):
         return {f"{m}/coefficient": float(v) for m, v in zip(self.groups.modalities, self._k.tolist())}
 
     def state_dict(self):
-        return {"seed": self.seed, "offset": self.offset}
+        return {"seed": self.seed, "offset": self.offset, "stream": STREAM_VERSION}
 
     def load_state_dict(self, state):
         values = [state.get(name) if isinstance(state, dict) else None for name in ("seed", "offset")]
@@ -254,4 +268,11 @@ class OGMGE(Method):
                 raise TypeError(
                     f"the ogm_ge state needs its noise stream's {name!r} (an int in [0, 2**64)), got {value!r}"
                 )
+        stream = state.get("stream")
+        if stream != STREAM_VERSION:
+            raise ValueError(
+                f"the ogm_ge state's noise stream is version {stream!r} (None: saved before modfuse drew four normals "
+                f"per Philox call), this modfuse draws version {STREAM_VERSION}; resuming would silently change the "
+                f"noise. To continue with the new stream deliberately, set state['stream'] = {STREAM_VERSION}."
+            )
         self.seed, self.offset = values
