@@ -139,8 +139,10 @@ void moments_accumulate_cuda(const at::Tensor& S1, const at::Tensor& S2, const a
 
 namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_outputs(const at::Tensor& like, int64_t M, int64_t D,
-                                                                 bool return_uncertainty) {
-  return {at::empty({D}, like.options()), at::empty({M, 4}, like.options().dtype(acc_of(like.scalar_type()))),
+                                                                 bool return_uncertainty, bool into_out = false) {
+  // with `out` given the result goes there and the op returns an empty tensor in its place (csrc/ops.cpp)
+  return {at::empty({into_out ? 0 : D}, like.options()),
+          at::empty({M, 4}, like.options().dtype(acc_of(like.scalar_type()))),
           at::empty({return_uncertainty ? D : 0}, like.options())};
 }
 double eps_or_default(std::optional<double> eps, at::ScalarType t) {
@@ -151,7 +153,8 @@ double eps_or_default(std::optional<double> eps, at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cuda(const at::Tensor& S1, const at::Tensor& S2,
                                                                          const at::Tensor& n, double kappa,
                                                                          std::optional<double> eps,
-                                                                         double evidence_max, bool return_uncertainty) {
+                                                                         double evidence_max, bool return_uncertainty,
+                                                                         const std::optional<at::Tensor>& out) {
   guard_cuda(S1, "S1", "calibrated_aggregate");
   guard_cuda(S2, "S2", "calibrated_aggregate");
   TORCH_CHECK(S1.dim() == 2 && S1.sizes() == S2.sizes() && S1.scalar_type() == S2.scalar_type(),
@@ -160,17 +163,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cuda(const a
   TORCH_CHECK(M >= 1 && M <= kMaxModalities && D >= 1, "calibrated_aggregate: need 1 <= M <= 16 and D >= 1");
   TORCH_CHECK(n.dim() == 1 && n.size(0) == M, "calibrated_aggregate: n must be [M]");
   TORCH_CHECK(kappa > 0 && evidence_max > 0, "calibrated_aggregate: kappa and evidence_max must be > 0");
+  if (out) cpu::check_aggregate_out(*out, S1, D, {S1, S2, n}, "calibrated_aggregate");
   const c10::cuda::CUDAGuard device(S1.device());
   const auto t = S1.scalar_type();
-  auto [out, stats, uncertainty] = aggregate_outputs(S1, M, D, return_uncertainty);
+  auto [fresh, stats, uncertainty] = aggregate_outputs(S1, M, D, return_uncertainty, out.has_value());
+  const at::Tensor& result = out ? *out : fresh;
   const at::Tensor counts = n.to(S1.device(), acc_of(t)).contiguous();
   at::Tensor workspace = at::empty({calibrated_aggregate_workspace(M, D, dtype_code(t, "calibrated_aggregate"))},
                                    S1.options().dtype(at::kByte));
   check(calibrated_aggregate(S1.const_data_ptr(), S2.const_data_ptr(), counts.const_data_ptr(),
                              dtype_code(t, "calibrated_aggregate"), M, D, kappa, eps_or_default(eps, t), evidence_max,
-                             out.data_ptr(), return_uncertainty ? uncertainty.data_ptr() : nullptr, stats.data_ptr(),
+                             result.data_ptr(), return_uncertainty ? uncertainty.data_ptr() : nullptr, stats.data_ptr(),
                              workspace.data_ptr(), stream_of(S1)));
-  return {out, stats, uncertainty};
+  return {fresh, stats, uncertainty};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cuda(const at::Tensor& G, double kappa,

@@ -12,9 +12,14 @@ TORCH_LIBRARY(modfuse, m) {
   // s1: the caller's weight gradient of the summed loss (= S1); given, S1 is not formed (one GEMM, not two) and
   // the op returns an empty S1 (modfuse.ops.linear_moments returns s1 in its place).
   m.def("linear_moments(Tensor x, Tensor gy, Tensor? s1=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Returns (out, stats, uncertainty); uncertainty is empty unless return_uncertainty.
+  // Returns (out, stats, uncertainty); uncertainty is empty unless return_uncertainty. With `out` given, the result
+  // is written into it and the first return is an empty tensor (modfuse.ops returns `out` in its place): one schema
+  // with an optional mutable argument, not an aliasing `.out` overload, because torch.compile's auto_functionalize
+  // takes a custom op that mutates an argument only if its returns are fresh tensors (no aliases of inputs), and
+  // `(a!)` tells it, opcheck and the graph passes exactly which buffer is written, so the write is neither dropped
+  // nor reordered.
   m.def("calibrated_aggregate(Tensor S1, Tensor S2, Tensor n, float kappa=1.0, float? eps=None, "
-        "float evidence_max=1e6, bool return_uncertainty=False) -> (Tensor, Tensor, Tensor)");
+        "float evidence_max=1e6, bool return_uncertainty=False, Tensor(a!)? out=None) -> (Tensor, Tensor, Tensor)");
   m.def("calibrated_aggregate_samples(Tensor G, float kappa=1.0, float? eps=None, float evidence_max=1e6, "
         "bool return_uncertainty=False) -> (Tensor, Tensor, Tensor)");
   m.def("gram(Tensor X) -> Tensor");

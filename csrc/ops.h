@@ -16,7 +16,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_moments_cpu(co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cpu(const at::Tensor& S1, const at::Tensor& S2,
                                                                         const at::Tensor& n, double kappa,
                                                                         std::optional<double> eps,
-                                                                        double evidence_max, bool return_uncertainty);
+                                                                        double evidence_max, bool return_uncertainty,
+                                                                        const std::optional<at::Tensor>& out);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cpu(const at::Tensor& G, double kappa,
                                                                                 std::optional<double> eps,
                                                                                 double evidence_max,
@@ -37,7 +38,8 @@ void moments_accumulate_cuda(const at::Tensor& S1, const at::Tensor& S2, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cuda(const at::Tensor& S1, const at::Tensor& S2,
                                                                          const at::Tensor& n, double kappa,
                                                                          std::optional<double> eps,
-                                                                         double evidence_max, bool return_uncertainty);
+                                                                         double evidence_max, bool return_uncertainty,
+                                                                         const std::optional<at::Tensor>& out);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cuda(const at::Tensor& G, double kappa,
                                                                                  std::optional<double> eps,
                                                                                  double evidence_max,

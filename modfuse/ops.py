@@ -75,6 +75,13 @@ def _triton_segment_sq_norms(x, offsets):
     return torch.ops.modfuse_triton.segment_sq_norms(x, *piece_tensors(offsets, x.device))
 
 
+def _written_into(out, result):
+    """The reference's results with its aggregate written into `out` (when given), as the kernels do."""
+    if out is not None:
+        out.copy_(result[0])
+    return result
+
+
 # (op, backend) -> implementation, all called with the compiled op's arguments (the schema in csrc/ops.cpp), on
 # inputs the public function below has already checked. "auto" resolves to one of these (_backend).
 KERNELS = {
@@ -86,6 +93,9 @@ KERNELS = {
     ("segment_moments", "reference"): lambda x, off: reference.segment_moments(x, off.to(x.device)),
     ("segment_scale_", "reference"): lambda x, off, scale, noise_std, seed, offset: reference.segment_scale_(
         x, off.to(x.device), scale, noise_std, seed % 2**64, offset % 2**64
+    ),
+    ("calibrated_aggregate", "reference"): lambda *args: _written_into(
+        args[-1], reference.calibrated_aggregate(*args[:-1])
     ),
     ("segment_sq_norms", "triton"): _triton_segment_sq_norms,
     ("linear_moments", "triton"): _triton("linear_moments"),
@@ -307,9 +317,49 @@ def _aggregate_args(kappa, eps, evidence_max, dtype):
     return kappa, eps, evidence_max
 
 
-def _aggregate_result(result, return_uncertainty):
-    out, stats, uncertainty = result[0], result[1], (result[2] if len(result) > 2 else None)
+def _aggregate_result(result, return_uncertainty, out=None):
+    # with out= the kernels return an empty tensor in its place (csrc/ops.cpp): the result is `out` itself
+    out = result[0] if out is None else out
+    stats, uncertainty = result[1], (result[2] if len(result) > 2 else None)
     return (out, stats, uncertainty) if return_uncertainty else (out, stats)
+
+
+def _aggregate_out(out, S1: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """Op 4's out=: a contiguous [D] tensor of S1's dtype on S1's device that shares no memory with the inputs
+    (the kernel reads them while it writes out, in chunks)."""
+    D = S1.shape[1]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    check.shape("out", out, (D,), "[D] (one value per element of S1's rows)")
+    if out.dtype != S1.dtype:
+        raise TypeError(
+            f"out must have S1's dtype {str(S1.dtype).removeprefix('torch.')} (the result's dtype), got "
+            f"{str(out.dtype).removeprefix('torch.')}"
+        )
+    check.same_device("S1", S1, out=out)
+    check.contiguous_output("out", out)
+    if out.requires_grad:
+        raise ValueError("out must not require grad: Op 4 is not differentiable (pass a buffer or out.detach())")
+    if torch.compiler.is_compiling():
+        return  # no data pointers in a traced graph: the kernels' own guard (at::assert_no_overlap) refuses it there
+    for name, t in {"S1": S1, **inputs}.items():
+        if _overlap(out, t):
+            raise ValueError(f"out shares memory with {name}: pass a separate buffer (the kernel reads {name})")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes two tensors span in one storage intersect (a conservative test for strided views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        start = t.data_ptr()
+        return start, start + (sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _counts(n, M: int, device, dtype) -> torch.Tensor:
@@ -336,6 +386,7 @@ def calibrated_aggregate(
     evidence_max: float = 1e6,
     return_uncertainty: bool = False,
     *,
+    out: torch.Tensor | None = None,
     check_finite: bool = False,
     backend: str = "auto",
 ):
@@ -352,6 +403,10 @@ def calibrated_aggregate(
         eps: variance floor, > 0; default 1e-30 for float64, 1e-20 otherwise.
         evidence_max: cap on the evidence, > 0 (inf allowed).
         return_uncertainty: also return the fused uncertainty u[D] = prod_m kappa / (e_m + kappa).
+        out: optional contiguous [D] tensor of S1's dtype on S1's device, sharing no memory with S1, S2 or n: the
+            result is written into it (every element; what it held is never read) and it is returned as `out`,
+            so a caller that reuses one buffer every step first-touches no fresh output pages (the Balancer's
+            calibrated method does). The uncertainty, a diagnostic, is always a new tensor.
     Returns:
         out [D] in S1's dtype; stats [M, 4] float32 (float64 for float64) holding per modality
         (sum_d mu^2, sum_d (b mu)^2, mean_d b, fraction of d with e = 0); and with return_uncertainty u [D].
@@ -366,6 +421,8 @@ def calibrated_aggregate(
         raise ValueError("S1 must have D >= 1 elements per modality, got D = 0")
     counts = _counts(n, M, S1.device, _acc(S1.dtype))
     kappa, eps, evidence_max = _aggregate_args(kappa, eps, evidence_max, S1.dtype)
+    if out is not None:
+        _aggregate_out(out, S1, S2=S2, **({"n": n} if isinstance(n, torch.Tensor) else {}))
     if check_finite:
         check.finite_per_modality("S1", S1)
         check.finite_per_modality("S2", S2)
@@ -380,8 +437,9 @@ def calibrated_aggregate(
         eps,
         evidence_max,
         return_uncertainty,
+        out,
     )
-    return _aggregate_result(result, return_uncertainty)
+    return _aggregate_result(result, return_uncertainty, out)
 
 
 def calibrated_aggregate_samples(
@@ -609,16 +667,18 @@ if _C is not None:
             x.new_empty(O, dtype=acc),
         )
 
-    def _aggregate_fake(like, M, D, return_uncertainty):
+    def _aggregate_fake(like, M, D, return_uncertainty, into_out=False):
         return (
-            like.new_empty(D),
+            like.new_empty(0 if into_out else D),  # with out= the result is written there (csrc/ops.cpp)
             like.new_empty(M, 4, dtype=_acc(like.dtype)),
             like.new_empty(D if return_uncertainty else 0),
         )
 
     @torch.library.register_fake("modfuse::calibrated_aggregate")
-    def _calibrated_aggregate_fake(S1, S2, n, kappa=1.0, eps=None, evidence_max=1e6, return_uncertainty=False):
-        return _aggregate_fake(S1, S1.shape[0], S1.shape[1], return_uncertainty)
+    def _calibrated_aggregate_fake(
+        S1, S2, n, kappa=1.0, eps=None, evidence_max=1e6, return_uncertainty=False, out=None
+    ):
+        return _aggregate_fake(S1, S1.shape[0], S1.shape[1], return_uncertainty, out is not None)
 
     @torch.library.register_fake("modfuse::calibrated_aggregate_samples")
     def _calibrated_aggregate_samples_fake(G, kappa=1.0, eps=None, evidence_max=1e6, return_uncertainty=False):

@@ -315,3 +315,108 @@ def test_huge_gradients_match_the_reference(magnitude, gen, target):
     assert_close(out, r_out, torch.float32)
     assert_close(u, r_u, torch.float32, scale=1.0)
     torch.testing.assert_close(stats[:, 2:], r_stats[:, 2:])
+
+
+# ---- out=: the result written into a caller's buffer (issue 15: a buffer reused every step) ---------------------
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (NaN payloads included), for bitwise comparison."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M,D", CASES)
+def test_out_is_written_in_full_and_equals_the_allocating_form(M, D, dtype, gen, target):
+    S1, S2 = banks(gradient_samples(M, 5, D, torch.float64, gen), dtype)
+    S1, S2 = target(S1), target(S2)
+    n = torch.full((M,), 5.0)
+    out = torch.full((D,), float("nan"), dtype=dtype, device=S1.device)  # poisoned: every element must be written
+    result = mf.calibrated_aggregate(S1, S2, n, return_uncertainty=True, out=out, backend=target.backend)
+    allocated = mf.calibrated_aggregate(S1, S2, n, return_uncertainty=True, backend=target.backend)
+    assert result[0] is out
+    for got, want in zip(result, allocated):
+        assert torch.equal(bits(got), bits(want))
+    expected = reference.calibrated_aggregate(S1.double(), S2.double(), n, return_uncertainty=True)
+    check_against_reference(result, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_out_with_noncontiguous_inputs_and_nan(dtype, gen, target):
+    S1, S2 = banks(gradient_samples(3, 5, 4099, torch.float64, gen), dtype)
+    S1, S2 = target(S1), target(S2)
+    S1nc, S2nc = noncontiguous(S1), noncontiguous(S2)
+    S1[2, 4098] = S1nc[2, 4098] = float("nan")
+    out = torch.full((4099,), 7.0, dtype=dtype, device=S1.device)
+    got, stats = mf.calibrated_aggregate(S1nc, S2nc, [5] * 3, out=out, backend=target.backend)
+    want, want_stats = mf.calibrated_aggregate(S1, S2, [5] * 3, backend=target.backend)
+    assert got is out and torch.equal(bits(out), bits(want)) and torch.equal(bits(stats), bits(want_stats))
+    assert out[4098].isnan() and out[:4098].isfinite().all()  # the NaN policy holds for out= too
+
+
+def test_out_on_the_reference_backend(gen):
+    S1, S2 = banks(gradient_samples(2, 5, 33, torch.float64, gen), torch.float32)
+    out = torch.full((33,), float("nan"))
+    got, stats = mf.calibrated_aggregate(S1, S2, [5, 5], out=out, backend="reference")
+    want, want_stats = reference.calibrated_aggregate(S1, S2, [5, 5])
+    assert got is out and torch.equal(out, want) and torch.equal(stats, want_stats)
+
+
+def test_bad_out_is_refused_naming_it(gen):
+    S1, S2 = banks(gradient_samples(2, 5, 33, torch.float64, gen), torch.float32)
+    n = torch.full((2,), 5.0)
+    cases = [
+        ([1.0] * 33, TypeError, "out must be a torch.Tensor or None, got list"),
+        (torch.empty(34), ValueError, r"out must have shape \[D\] .* = \(33,\), got \(34,\)"),
+        (torch.empty(1, 33), ValueError, r"out must have shape \[D\]"),
+        (torch.empty(33, dtype=torch.float64), TypeError, "out must have S1's dtype float32 .*got float64"),
+        (torch.empty(33, device="meta"), ValueError, "out is on meta but S1 is on cpu"),
+        (torch.empty(66)[::2], ValueError, "out is written in place and must be contiguous"),
+        (torch.empty(33, requires_grad=True), ValueError, "out must not require grad"),
+        (S1[1], ValueError, "out shares memory with S1"),
+        (S2.view(-1)[20:53], ValueError, "out shares memory with S2"),  # a partial overlap
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            mf.calibrated_aggregate(S1, S2, n, out=bad)
+    bank = torch.empty(3, 33)
+    S1b, S2b = bank[0:2], torch.ones(2, 33)
+    S1b.copy_(S1)
+    with pytest.raises(ValueError, match="out shares memory with S1"):  # out in a row of the same buffer as S1's
+        mf.calibrated_aggregate(S1b, S2b, n, out=bank[1])
+    counts = torch.full((40,), 5.0)
+    with pytest.raises(ValueError, match="out shares memory with n"):
+        mf.calibrated_aggregate(S1, S2, counts[30:32], out=counts[2:35])
+    # a separate row of the same buffer is fine: out = bank[2] shares its storage but not its bytes
+    got, _ = mf.calibrated_aggregate(S1b, S2b, n, out=bank[2])
+    assert torch.equal(got, mf.calibrated_aggregate(S1b, S2b, n)[0])
+
+
+def test_the_kernels_guard_out_themselves(gen):
+    """A direct torch.ops call (no modfuse.ops checks) cannot make the kernel write out of bounds or into an
+    input it reads."""
+    S1, S2 = banks(gradient_samples(2, 5, 33, torch.float64, gen), torch.float32)
+    n = torch.full((2,), 5.0)
+    op = torch.ops.modfuse.calibrated_aggregate
+    for bad in (torch.empty(32), torch.empty(33, dtype=torch.float64), torch.empty(66)[::2]):
+        with pytest.raises(RuntimeError, match="out must be a contiguous \\[D\\] tensor of S1's dtype"):
+            op(S1, S2, n, 1.0, None, 1e6, False, bad)
+    with pytest.raises(RuntimeError, match="unsupported operation: some elements of the input tensor and the"):
+        op(S1, S2, n, 1.0, None, 1e6, False, S1[0])
+    first, stats, u = op(S1, S2, n, 1.0, None, 1e6, False, torch.empty(33))
+    assert first.numel() == 0 and stats.shape == (2, 4) and u.numel() == 0  # the result went into out
+
+
+def test_out_under_torch_compile(gen):
+    """torch.compile keeps the write into out (declared mutable in the schema): no graph break, the same bits."""
+    S1, S2 = banks(gradient_samples(3, 5, 4099, torch.float64, gen), torch.float32)
+    n = torch.full((3,), 5.0)
+
+    def step(S1, S2, n, out):
+        _, stats = mf.calibrated_aggregate(S1, S2, n, out=out)
+        return stats * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    want, want_stats = mf.calibrated_aggregate(S1, S2, n)
+    for _ in range(2):  # the second call reuses the compiled graph
+        out = torch.full((4099,), float("nan"))
+        doubled = compiled(S1, S2, n, out)
+        assert torch.equal(out, want) and torch.equal(doubled, want_stats * 2)

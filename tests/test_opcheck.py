@@ -35,6 +35,17 @@ CASES = {
         1e6,
         True,
     ),
+    # out=: the result written into a caller's buffer (a mutable argument; the first return is then empty)
+    "calibrated_aggregate_out": lambda dt: (
+        rand(3, 17, dtype=dt),
+        (rand(3, 17) ** 2 + 1).to(dt),
+        torch.full((3,), 4.0),
+        1.0,
+        None,
+        1e6,
+        False,
+        torch.full((17,), float("nan")).to(dt),
+    ),
     "calibrated_aggregate_samples": lambda dt: (rand(3, 5, 17, dtype=dt), 0.5, None, 1e6, False),
     "gram": lambda dt: (rand(4, 33, dtype=dt),),
     "weighted_sum": lambda dt: (rand(3, 33, dtype=dt), rand(3)),
@@ -48,6 +59,11 @@ CASES = {
     ),
     "segment_moments": lambda dt: (rand(3, 17, dtype=dt), torch.tensor([0, 5, 5, 17])),
 }
+
+
+def op_of(case: str) -> str:
+    """The op a case runs: a case name is the op's, or the op's with a variant suffix (_s1, _out)."""
+    return case.removesuffix("_s1").removesuffix("_out")
 
 
 def on(device, args):
@@ -68,7 +84,7 @@ def triton_args(name, args):
 
     if name == "segment_sq_norms":
         return (args[0], *piece_tensors(args[1], args[0].device))
-    if name == "calibrated_aggregate":
+    if op_of(name) == "calibrated_aggregate":
         return (*args[:4], 1e-20, *args[5:])
     return args
 
@@ -88,7 +104,7 @@ def test_every_op_has_one_name_and_a_kernel_per_backend():
         for name in torch._C._dispatch_get_all_op_names()
         if name.startswith("modfuse::")
     }
-    assert registered == set(ops.OPS) == {name.removesuffix("_s1") for name in CASES}
+    assert registered == set(ops.OPS) == {op_of(name) for name in CASES}
     for op in ops.OPS:
         assert {b for (o, b) in ops.KERNELS if o == op} >= {"cpu", "cuda", "reference"}
         assert callable(getattr(ops, op)) and callable(getattr(modfuse, op))
@@ -106,11 +122,11 @@ def test_every_op_has_one_name_and_a_kernel_per_backend():
 def test_opcheck(name, dtype, backend):
     # offsets stay on the host (the kernels read segment bounds there); every other tensor goes to the device
     args = on(backend, CASES[name](dtype))
-    torch.library.opcheck(getattr(torch.ops.modfuse, name.removesuffix("_s1")).default, args)
+    torch.library.opcheck(getattr(torch.ops.modfuse, op_of(name)).default, args)
 
 
 @pytest.mark.skipif(not triton_here, reason="needs triton and a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("name", sorted(ops.TRITON_OPS) + ["linear_moments_s1"])
+@pytest.mark.parametrize("name", sorted(ops.TRITON_OPS) + ["linear_moments_s1", "calibrated_aggregate_out"])
 def test_opcheck_triton(name):
     from modfuse import triton as triton_backend
 
@@ -122,7 +138,7 @@ def test_opcheck_triton(name):
     args = triton_args(name, on(device, CASES[name](torch.float32)))
     utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
     torch.library.opcheck(
-        getattr(torch.ops.modfuse_triton, name.removesuffix("_s1")).default,
+        getattr(torch.ops.modfuse_triton, op_of(name)).default,
         args,
         **({} if utils is None else {"test_utils": utils}),
     )
@@ -145,4 +161,15 @@ def test_compiled_call_has_no_graph_break():
         return out * 2, stats
 
     explanation = torch._dynamo.explain(step)(rand(2, 40), rand(2, 40) ** 2 + 1, torch.full((2,), 3.0))
+    assert explanation.graph_break_count == 0
+
+
+def test_compiled_call_with_out_has_no_graph_break():
+    import torch._dynamo
+
+    def step(S1, S2, n, out):
+        _, stats, _ = torch.ops.modfuse.calibrated_aggregate(S1, S2, n, 1.0, None, 1e6, False, out)
+        return out * 2, stats
+
+    explanation = torch._dynamo.explain(step)(rand(2, 40), rand(2, 40) ** 2 + 1, torch.full((2,), 3.0), torch.empty(40))
     assert explanation.graph_break_count == 0

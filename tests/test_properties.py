@@ -258,6 +258,24 @@ def test_calibrated_aggregate(setting, M, D, K, signal, opt, layout):
     check_aggregate(result, expected, dtype, D, expected_acc)
 
 
+@given(settings_for(), st.sampled_from([1, 2, 3, 16]), st.sampled_from(SIZES), st.integers(2, 9), OPINION, LAYOUTS)
+def test_calibrated_aggregate_out(setting, M, D, K, opt, layout):
+    """out=: a NaN-poisoned buffer is written in full with the allocating form's bits (NaN/Inf planted included),
+    and the stats are the same, over the documented ranges."""
+    dtype, seed, scale, bad = setting
+    S1, S2 = reference.moments(samples_for(M, K, D, seed, scale, torch.float64, 1.0))
+    S1, S2 = strided(plant(S1.to(dtype), bad, seed), layout), strided(S2.to(dtype), layout)
+    n = torch.full((M,), float(K))
+    kw = opinion_args(opt, dtype)
+    out = torch.full((D,), float("nan"), dtype=dtype)
+    result = mf.calibrated_aggregate(S1, S2, n, return_uncertainty=True, out=out, **kw)
+    allocated = mf.calibrated_aggregate(S1, S2, n, return_uncertainty=True, **kw)
+    assert result[0] is out
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    for got, want in zip(result, allocated):
+        assert torch.equal(got.view(as_int[got.element_size()]), want.view(as_int[want.element_size()]))
+
+
 @given(
     settings_for([torch.float32, torch.float64, torch.bfloat16]),
     st.sampled_from([1, 2, 3]),

@@ -94,6 +94,20 @@ def test_calibrated_aggregate_noncontiguous_nan_and_repeats(gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("M,D", [(1, 1), (2, 7), (3, 1025), (2, 3000)])
+def test_calibrated_aggregate_out(M, D, dtype, gen):
+    """out=: every element of a NaN-poisoned buffer written, the same bits as the allocating form."""
+    S1, S2 = reference.moments(gradient_samples(M, 5, D, torch.float64, gen))
+    S1, S2 = noncontiguous(S1.to(dtype)), S2.to(dtype)
+    out = torch.full((D,), float("nan"), dtype=dtype)
+    got, stats, u = mf.calibrated_aggregate(S1, S2, [5] * M, return_uncertainty=True, out=out, backend="triton")
+    want = mf.calibrated_aggregate(S1, S2, [5] * M, return_uncertainty=True, backend="triton")
+    assert got is out
+    for a, b in zip((out, stats, u), want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("R,D", [(1, 1), (2, 7), (3, 300), (17, 129)])  # tiles of 128 columns, rows padded to 16+
 def test_gram(R, D, dtype, gen):
     X = (torch.randn(R, D, generator=gen) * 4 / D**0.5).to(dtype)

@@ -4,6 +4,7 @@
 // never leave registers and L1.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <tuple>
 
@@ -186,11 +187,20 @@ MODFUSE_INSTANTIATE(c10::BFloat16)
 #undef MODFUSE_INSTANTIATE
 
 // ---- tensor wrappers: internal guards only; user-facing checks with full messages live in modfuse/ops.py ----
+void check_aggregate_out(const at::Tensor& out, const at::Tensor& like, int64_t D,
+                         std::initializer_list<at::Tensor> inputs, const char* op) {
+  TORCH_CHECK(out.dim() == 1 && out.size(0) == D && out.scalar_type() == like.scalar_type() &&
+                  out.device() == like.device() && out.is_contiguous(),
+              op, ": out must be a contiguous [D] tensor of S1's dtype and device");
+  for (const at::Tensor& input : inputs) at::assert_no_overlap(out, input);
+}
+
 namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& like, int64_t M, int64_t D,
-                                                                bool return_uncertainty) {
+                                                                bool return_uncertainty, bool into_out = false) {
   const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {at::empty({D}, like.options()), at::empty({return_uncertainty ? D : 0}, like.options()),
+  // with `out` given the result goes there and the op returns an empty tensor in its place (csrc/ops.cpp)
+  return {at::empty({into_out ? 0 : D}, like.options()), at::empty({return_uncertainty ? D : 0}, like.options()),
           at::empty({M, 4}, like.options().dtype(acc))};
 }
 double resolve_eps(std::optional<double> eps, at::ScalarType dtype) {
@@ -201,7 +211,8 @@ double resolve_eps(std::optional<double> eps, at::ScalarType dtype) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cpu(const at::Tensor& S1, const at::Tensor& S2,
                                                                         const at::Tensor& n, double kappa,
                                                                         std::optional<double> eps, double evidence_max,
-                                                                        bool return_uncertainty) {
+                                                                        bool return_uncertainty,
+                                                                        const std::optional<at::Tensor>& out) {
   TORCH_CHECK(S1.dim() == 2 && S1.sizes() == S2.sizes() && S1.scalar_type() == S2.scalar_type(),
               "calibrated_aggregate: S1 and S2 must be [M, D] of one dtype");
   TORCH_CHECK(S1.is_contiguous() && S2.is_contiguous(), "calibrated_aggregate: S1 and S2 must be contiguous");
@@ -209,7 +220,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cpu(const at
   TORCH_CHECK(M >= 1 && M <= kMaxModalities && D >= 1, "calibrated_aggregate: need 1 <= M <= 16 and D >= 1");
   TORCH_CHECK(n.dim() == 1 && n.size(0) == M, "calibrated_aggregate: n must be [M]");
   TORCH_CHECK(kappa > 0 && evidence_max > 0, "calibrated_aggregate: kappa and evidence_max must be > 0");
-  auto [out, uncertainty, stats] = allocate_outputs(S1, M, D, return_uncertainty);
+  if (out) check_aggregate_out(*out, S1, D, {S1, S2, n}, "calibrated_aggregate");
+  auto [fresh, uncertainty, stats] = allocate_outputs(S1, M, D, return_uncertainty, out.has_value());
+  const at::Tensor& result = out ? *out : fresh;
   const double eps_v = resolve_eps(eps, S1.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, S1.scalar_type(), "calibrated_aggregate", [&] {
     using A = acc_t<scalar_t>;
@@ -217,10 +230,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_cpu(const at
     TORCH_CHECK(n_acc.ge(2).all().item<bool>(), "calibrated_aggregate: every n must be >= 2");
     calibrated_aggregate<scalar_t>(S1.const_data_ptr<scalar_t>(), S2.const_data_ptr<scalar_t>(),
                                    n_acc.const_data_ptr<A>(), M, D, A(kappa), A(eps_v), A(evidence_max),
-                                   out.data_ptr<scalar_t>(), return_uncertainty ? uncertainty.data_ptr<scalar_t>() : nullptr,
-                                   stats.data_ptr<A>());
+                                   result.data_ptr<scalar_t>(),
+                                   return_uncertainty ? uncertainty.data_ptr<scalar_t>() : nullptr, stats.data_ptr<A>());
   });
-  return {out, stats, uncertainty};
+  return {fresh, stats, uncertainty};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> calibrated_aggregate_samples_cpu(const at::Tensor& G, double kappa,

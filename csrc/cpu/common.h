@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -201,5 +202,10 @@ struct DenseList {
   std::vector<at::Tensor> copies;
 };
 DenseList dense_list(c10::ArrayRef<at::Tensor> tensors, const char* op);  // csrc/cpu/tensor_sq_norms.cpp
+
+// Internal guard of Op 4's `out=` (user-facing checks with full messages are in modfuse/ops.py): a contiguous [D]
+// tensor of `like`'s dtype and device that shares no memory with `inputs`. csrc/cpu/calibrated_aggregate.cpp.
+void check_aggregate_out(const at::Tensor& out, const at::Tensor& like, int64_t D,
+                         std::initializer_list<at::Tensor> inputs, const char* op);
 
 }  // namespace modfuse::cpu

@@ -55,15 +55,19 @@ from modfuse.banks import MomentBank
 from modfuse.methods import Method, register
 
 
-def calibrate(S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, kappa: float, eps: float, evidence_max: float):
-    """Op 4 through the public op, so the backend choice and its argument checks apply here too."""
-    return ops.calibrated_aggregate(S1, S2, n, kappa, eps, evidence_max)
+def calibrate(
+    S1: torch.Tensor, S2: torch.Tensor, n: torch.Tensor, kappa: float, eps: float, evidence_max: float, out=None
+):
+    """Op 4 through the public op, so the backend choice and its argument checks apply here too; the result is
+    written into `out` (a persistent buffer) when given."""
+    return ops.calibrated_aggregate(S1, S2, n, kappa, eps, evidence_max, out=out)
 
 
-def calibrate_precision(S1, S2, n, kappa: float, eps: float, evidence_max: float):
+def calibrate_precision(S1, S2, n, kappa: float, eps: float, evidence_max: float, out=None):
     """evidence="precision": one evidence per objective from its gradient precision (plain PyTorch; no kernel,
     as it did not beat the t-statistic form on the trainer's data: README, calibrated)."""
-    return reference.calibrated_aggregate_precision(S1, S2, n, kappa, eps, evidence_max)
+    result, stats = reference.calibrated_aggregate_precision(S1, S2, n, kappa, eps, evidence_max)
+    return (result, stats) if out is None else (out.copy_(result), stats)
 
 
 @register
@@ -139,9 +143,9 @@ class Calibrated(Method):
                     )
             self._finalizer = weakref.finalize(self, _remove, list(self._hooks))
 
-    def _op4(self, *args):
+    def _op4(self, *args, **kwargs):
         # the module-level function looked up per call, so a wrapper such as op_timer sees it
-        return (calibrate if self.evidence == "t" else calibrate_precision)(*args)
+        return (calibrate if self.evidence == "t" else calibrate_precision)(*args, **kwargs)
 
     def close(self):
         _remove(self._hooks)
@@ -232,8 +236,18 @@ class Calibrated(Method):
             eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
 
             def op4(slice_, real):
-                out, stats = (self._compiled or self._op4)(
-                    slice_[:R].contiguous(), slice_[R:].contiguous(), bank.n, self.kappa, eps, self.evidence_max
+                # into a persistent scratch buffer: scatter_apply_gather copies it into its all-gather payload
+                out = self.groups.buffer(
+                    ("calibrated", "slice_out"), (slice_.shape[1],), slice_.dtype, slice_.device, scratch=True
+                )
+                _, stats = (self._compiled or self._op4)(
+                    slice_[:R].contiguous(),
+                    slice_[R:].contiguous(),
+                    bank.n,
+                    self.kappa,
+                    eps,
+                    self.evidence_max,
+                    out=out,
                 )
                 Dw = slice_.shape[1]
                 # per-slice sums; padding elements have zero belief and zero evidence
@@ -255,7 +269,8 @@ class Calibrated(Method):
             D = bank.layout.numel
             stats = sums.view(R, 4).clone()
             stats[:, 2:] /= D
-            results = [(bank, out, stats)]
+            # the gathered result is a new tensor (groups.scatter_apply_gather): its own views, not cached ones
+            results = [(bank, bank.layout.views(out.to(bank.layout.dtype)), stats)]
         else:
             # one packed all-reduce: the moment banks (sums), the reached flags and the other parameters' gradients
             groups.all_reduce_(
@@ -276,11 +291,19 @@ class Calibrated(Method):
             results = []
             for bank in banks:
                 eps = reference.default_eps(bank.S1.dtype) if self.eps is None else self.eps
-                out, stats = (self._compiled or self._op4)(bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max)
-                results.append((bank, out, stats))
-        for bank, out, stats in results:
-            out = out.to(bank.layout.dtype)
-            for p, view in zip(bank.layout.params, bank.layout.views(out)):
+                grad = self._grad_buffer(bank.layout)
+                # Op 4 writes straight into the persistent buffer the `.grad` view; for float16/bfloat16
+                # parameters (float32 banks) it writes a float32 scratch row that is converted into it
+                direct = grad.dtype == bank.S1.dtype
+                out = grad if direct else self._scratch(bank.layout, "op4", bank.S1.dtype)
+                _, stats = (self._compiled or self._op4)(
+                    bank.S1, bank.S2, bank.n, self.kappa, eps, self.evidence_max, out=out
+                )
+                if not direct:
+                    grad.copy_(out)
+                results.append((bank, self.groups.views(bank.layout, grad), stats))
+        for bank, views, stats in results:
+            for p, view in zip(bank.layout.params, views):
                 p.grad = view
             self._last.append((names, stats))
 
@@ -364,6 +387,16 @@ class Calibrated(Method):
             for m, values in zip(modules, before):
                 for g, value in zip(m._get_fsdp_state()._fsdp_param_groups, values):
                     g.reshard_after_backward = value
+
+    def _grad_buffer(self, layout):
+        """The persistent flat buffer Op 4 writes the shared parameters' gradient into; their `.grad` are views of it
+        (not scratch: a later call must not reuse it while those views hold the gradient, see Groups.hold)."""
+        return self.groups.buffer(("calibrated", "grad", id(layout)), (layout.numel,), layout.dtype, layout.device)
+
+    def _scratch(self, layout, purpose, dtype):
+        return self.groups.buffer(
+            ("calibrated", purpose, id(layout)), (layout.numel,), dtype, layout.device, scratch=True
+        )
 
     def _zeroed(self, purpose, shape, dtype, device):
         """Zeroed moment banks, persistent across steps (Groups.buffer)."""

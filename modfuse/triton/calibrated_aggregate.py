@@ -69,7 +69,7 @@ def _aggregate_kernel(
         tl.store(u_ptr + idx, uu.to(u_ptr.dtype.element_ty), mask=mask)
 
 
-@triton_op("modfuse_triton::calibrated_aggregate", mutates_args=())
+@triton_op("modfuse_triton::calibrated_aggregate", mutates_args=("out",))
 def calibrated_aggregate(
     S1: torch.Tensor,
     S2: torch.Tensor,
@@ -78,12 +78,16 @@ def calibrated_aggregate(
     eps: float,
     evidence_max: float,
     return_uncertainty: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """S1, S2 [M, D] contiguous, n [M] (accumulation dtype, on S1's device) -> (out [D], stats [M, 4], u [D or 0])."""
+    """S1, S2 [M, D] contiguous, n [M] (accumulation dtype, on S1's device) -> (out [D], stats [M, 4], u [D or 0]).
+    With `out` (contiguous [D], S1's dtype; checked by modfuse.ops) the result is written there and the first
+    return is empty, as in the C++ op's schema (csrc/ops.cpp)."""
     M, D = S1.shape
     acc = acc_dtype(S1.dtype)
     programs = triton.cdiv(D, BLOCK)
-    out = torch.empty(D, dtype=S1.dtype, device=S1.device)
+    fresh = torch.empty(0 if out is not None else D, dtype=S1.dtype, device=S1.device)
+    target = fresh if out is None else out
     u = torch.empty(D if return_uncertainty else 0, dtype=S1.dtype, device=S1.device)
     partial = torch.empty(programs, M, 4, dtype=acc, device=S1.device)
     ACC = tl.float64 if acc == torch.float64 else tl.float32
@@ -91,8 +95,8 @@ def calibrated_aggregate(
         S1,
         S2,
         n,
-        out,
-        u if return_uncertainty else out,
+        target,
+        u if return_uncertainty else target,
         partial,
         D,
         kappa,
@@ -105,4 +109,4 @@ def calibrated_aggregate(
     )
     sums = partial.to(torch.float64).sum(0)
     stats = torch.stack([sums[:, 0], sums[:, 1], sums[:, 2] / D, sums[:, 3] / D], 1).to(acc)
-    return out, stats, u
+    return fresh, stats, u
