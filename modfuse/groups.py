@@ -11,8 +11,9 @@ Wrappers (detected from the model given, or from the module inside it):
   reduced exactly once. Buffers are still broadcast before each forward, as DDP does.
 - FSDP2 (`fully_shard`): gradients flow through FSDP2's own reduce-scatter (one backward per step); calibrated
   (per_sample route) reduce-scatters its moment banks onto the ranks' own shards (`reduce_scatter_to_shards`) and
-  writes Op 4's result into each rank's shard of `.grad`; methods that need more than one backward over the
-  parameters or the full gradient of a group raise at construction.
+  writes Op 4's result into each rank's shard of `.grad`; every method runs there, each computing its
+  whole-tensor statistics as shard-local partial sums summed in one tiny all-reduce (README, "Distributed
+  training").
 
 Distributed rules, for every method: rank r's gradient counts N_r / N (N_r its batch size, N the sum over
 ranks), which is what one process on the concatenated batch gives for mean-reduced losses; all decisions that
@@ -22,7 +23,8 @@ one tiny all-reduce before any gradient collective, so that every rank skips or 
 Overlap (plain process group and DDP): a method whose step is one plain backward whose gradients are then only
 reduced (`backward_reduced`, `backward_into_banks_reduced`) gets its gradients all-reduced in buckets of at most
 `bucket_cap_mb` that start while the backward still runs, as DDP's reducer does (`_overlapped` says how); the
-others (calibrated, mmpareto) reduce in one packed collective after their backwards (`all_reduce_`).
+others reduce after their backwards: mmpareto in one packed collective (`all_reduce_`), calibrated by default with
+a reduce-scatter of its moment banks, Op 4 on each rank's slice and an all-gather (`scatter_apply_gather`).
 
 Persistent buffers: every D-sized buffer of a step (the encoder banks whose rows are `.grad`, the flat buffers of
 a collective, a method's scratch rows) comes from `Groups.buffer`, allocated once per (purpose, shape) and reused
@@ -60,21 +62,31 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def collective_device() -> torch.device:
+def collective_device(params_device: torch.device | None = None) -> torch.device:
     """Where the Balancer's small CPU tensors (agreement flags, statistics, scores) must be for a collective of the
     default process group: the CPU under gloo or mpi (or a per-device backend with a CPU part, such as
-    "cpu:gloo,cuda:nccl", torch's default), else the current accelerator: NCCL has no CPU path."""
+    "cpu:gloo,cuda:nccl", torch's default); else (NCCL has no CPU path) the model's accelerator `params_device`,
+    as DDP uses the module's device (the current device is cuda:0 on every rank of a script that never called
+    torch.cuda.set_device), or the current accelerator."""
     backend = str(dist.get_backend()).lower()
     parts = [b.split(":")[0].strip() for b in backend.split(",")] if ":" in backend else []
     if "cpu" in parts or backend in ("gloo", "mpi"):
         return torch.device("cpu")
-    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if params_device is not None and params_device.type != "cpu":
+        return params_device
+    api = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if api is not None:
+        accelerator = api.current_accelerator() if api.is_available() else None
+        index = api.current_device_index() if accelerator is not None else None
+    else:
+        accelerator = torch.device("cuda") if torch.cuda.is_available() else None
+        index = torch.cuda.current_device() if accelerator is not None else None
     if accelerator is None:
         raise RuntimeError(
             f"the default process group's backend {backend!r} has no CPU path and no accelerator is available: "
             "init the process group with backend='gloo' (CPU) or 'cpu:gloo,cuda:nccl'"
         )
-    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+    return torch.device(accelerator.type, index)
 
 
 def _named(names: dict[int, str], what, group: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -193,7 +205,10 @@ class Groups:
         self.world = dist.get_world_size() if distributed() else 1
         self.rank = dist.get_rank() if distributed() else 0
         # CPU tensors of a collective are staged here (the current GPU under NCCL), see collective_device()
-        self.comm_device = collective_device() if distributed() else torch.device("cpu")
+        first = self.trainable[0] if self.trainable else None
+        local = first.to_local() if hasattr(first, "to_local") else first
+        self.comm_device = collective_device(None if local is None else local.device) if distributed() else None
+        self.comm_device = self.comm_device or torch.device("cpu")
         self.weight = 1.0 / self.world  # this rank's share of the step (N_r / N), set by agree()
         self.synced = True  # False inside Balancer.no_sync(): collectives are deferred
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # persistent step buffers, see buffer()
@@ -370,10 +385,12 @@ class Groups:
             sizes = [t.numel() for t, _ in group]
             flat = self.buffer("all_reduce_", (sum(sizes),), dtype, device, scratch=True)
             for part, (t, w) in zip(flat.split(sizes), group):
-                if w:
+                if w and t.device == part.device:
                     torch.mul(t.reshape(-1), self.weight, out=part)
-                else:
+                else:  # (a CPU tensor staged on the comm device: mul's out cannot cross devices)
                     part.copy_(t.reshape(-1))
+                    if w:
+                        part.mul_(self.weight)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             start = 0
             for t, _ in group:
@@ -550,6 +567,12 @@ class Groups:
         self._armed = step
         try:
             torch.autograd.backward(loss, inputs=self.trainable)
+        except BaseException:
+            # the buckets already launched must finish before their buffer can be handed out again (the other
+            # ranks still wait for the rest until the process group's timeout, as with any collective)
+            for handle in step.handles:
+                handle.wait()
+            raise
         finally:
             self._armed = None
         step.finish()
@@ -566,7 +589,8 @@ class Groups:
         if key not in self._plans:
             # registration order: autograd usually finishes the parameters in its reverse (DDP's assumption); the
             # encoder banks stay whole (one segment each), the other parameters follow them
-            registered = [p for p in self.model.parameters() if p.requires_grad]
+            trainable = {id(p) for p in self.trainable}  # (requires_grad as at construction, where hooks are)
+            registered = [p for p in self.model.parameters() if id(p) in trainable]
             if banks:
                 encoder_ids = {id(p) for layouts in self.encoder_layouts.values() for fp in layouts for p in fp.params}
                 rest = [p for p in registered if id(p) not in encoder_ids]
@@ -603,16 +627,17 @@ class Groups:
                 by_kind.setdefault((g.device, g.dtype), []).append(i)
         sums: list[torch.Tensor] = []
         order: list[int] = []
+        device = local[0].device  # everything is gathered there, then read with one device-to-host copy
         for idx in by_kind.values():
-            sums.append(ops.tensor_sq_norms([local[i] for i in idx]).to("cpu", torch.float64))
+            sums.append(ops.tensor_sq_norms([local[i] for i in idx]).to(device, torch.float64))
             order += idx
         largest = {}
         for i, g in enumerate(local):
             j = covered.get(id(grads[i][0]))
             if j is not None:
                 largest[j] = min(largest.get(j, math.inf), torch.finfo(g.dtype).max)
-        bounds = [proven[j][1].detach().reshape(-1).amax().to("cpu", torch.float64).reshape(1) for j in largest]
-        values = torch.cat(sums + bounds) if sums or bounds else torch.zeros(0, dtype=torch.float64)  # one sync
+        bounds = [proven[j][1].detach().reshape(-1).amax().to(device, torch.float64).reshape(1) for j in largest]
+        values = torch.cat(sums + bounds).cpu() if sums or bounds else torch.zeros(0, dtype=torch.float64)
         flagged = [order[j] for j in (~torch.isfinite(values[: len(order)])).nonzero().flatten().tolist()]
         failed = {j for j, b in zip(largest, values[len(order) :].tolist()) if not b < largest[j]}
         flagged += [i for i in range(len(grads)) if covered.get(id(grads[i][0]), -1) in failed]
@@ -785,9 +810,19 @@ class _Step:
     def arrive(self, p: torch.nn.Parameter) -> None:
         """Post-accumulate hook: this rank's weighted gradient into its slot; launch the buckets now complete."""
         b = self.plan.bucket_of.get(id(p))
-        if b is None or p.grad is None or id(p) in self.reached:
+        if b is None or p.grad is None:
             return
         slot, deferred = self.slots[id(p)], self.pending.get(id(p))
+        if id(p) in self.reached:  # a second accumulation in one backward (reentrant checkpointing)
+            if self.left[b] < 0:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} received a second gradient in one backward after its "
+                    "bucket's all-reduce had started (reentrant activation checkpointing?): use "
+                    "torch.utils.checkpoint with use_reentrant=False, or Balancer(bucket_cap_mb=float('inf'))"
+                )
+            slot.add_(p.grad, alpha=self.weight)
+            p.grad = None
+            return
         if deferred is None:
             torch.mul(p.grad, self.weight, out=slot)
         else:

@@ -43,3 +43,17 @@ def test_collective_device_without_a_cpu_path_or_accelerator(monkeypatch):
     monkeypatch.setattr(groups.torch, "accelerator", stub)
     with pytest.raises(RuntimeError, match="backend 'nccl' has no CPU path"):
         groups.collective_device()
+
+
+def test_collective_device_follows_the_model_under_nccl(monkeypatch):
+    """A script that moved the model with .to(f"cuda:{rank}") without torch.cuda.set_device has current device 0
+    on every rank: the model's device, not the current one, as DDP does."""
+    monkeypatch.setattr(groups.dist, "get_backend", lambda *a: "nccl")
+    stub = types.SimpleNamespace(
+        is_available=lambda: True, current_accelerator=lambda: torch.device("cuda"), current_device_index=lambda: 0
+    )
+    monkeypatch.setattr(groups.torch, "accelerator", stub)
+    assert groups.collective_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert groups.collective_device(torch.device("cpu")) == torch.device("cuda", 0)
+    monkeypatch.setattr(groups.dist, "get_backend", lambda *a: "gloo")
+    assert groups.collective_device(torch.device("cuda", 3)) == torch.device("cpu")

@@ -100,8 +100,7 @@ class Method:
             raise ValueError(
                 f"method {self.name!r} cannot run under FSDP2 (fully_shard) yet: it needs several "
                 "backwards per step or the whole gradient of a group on every rank; use "
-                "DistributedDataParallel, or a built-in method (all run under FSDP2; calibrated with "
-                "moments='per_sample')"
+                "DistributedDataParallel, or a built-in method (all of them run under FSDP2)"
             )
 
     # -- the two decisions ----------------------------------------------------------------------------------
@@ -139,10 +138,12 @@ class Method:
 
 
 def wire_dtype(groups: Groups) -> torch.dtype:
-    """The dtype for a method's small sums (scores, counts) that travel with the encoder gradients: the banks'
-    dtype when it is float32/float64 (they then ride in the gradients' collective), else float64."""
+    """The dtype for a method's small sums (scores, counts) that travel with the encoder gradients in a collective:
+    the banks' dtype when it is float32/float64 (they then ride in the gradients' collective), else float64; and
+    float64 when no collective runs (one process, inside no_sync(), FSDP2's separate tiny all-reduce)."""
     dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float64
+    reduced_with_grads = groups.distributed and groups.synced and not groups.fsdp
+    return dtype if reduced_with_grads and dtype in (torch.float32, torch.float64) else torch.float64
 
 
 def reduce_encoder_banks(groups: Groups, total: torch.Tensor, rows: int = 1, summed=()):

@@ -75,7 +75,7 @@ class Calibrated(Method):
     name = "calibrated"
     requires = ()
     plain_gradients = False
-    fsdp2 = True  # the per_sample route; the micro-batch route raises below
+    fsdp2 = True  # both routes: shard-local Op 4 (see _fsdp_finish)
 
     def __init__(
         self,
@@ -377,15 +377,16 @@ class Calibrated(Method):
         from torch.distributed.fsdp import FSDPModule
 
         modules = [m for m in self.groups.model.modules() if isinstance(m, FSDPModule)]
-        # the setter is public; the current value is read where the setter writes it
-        before = [[g.reshard_after_backward for g in m._get_fsdp_state()._fsdp_param_groups] for m in modules]
+        # the setter is public; the current value is read where the setter writes it (private: a list
+        # `_fsdp_param_groups` in recent torch, one `_fsdp_param_group` in older releases)
+        before = [[g.reshard_after_backward for g in _param_groups(m)] for m in modules]
         for m in modules:
             m.set_reshard_after_backward(False, recurse=False)
         try:
             yield
         finally:
             for m, values in zip(modules, before):
-                for g, value in zip(m._get_fsdp_state()._fsdp_param_groups, values):
+                for g, value in zip(_param_groups(m), values):
                     g.reshard_after_backward = value
 
     def _grad_buffer(self, layout):
@@ -542,3 +543,13 @@ def _remove(handles):
     for handle in handles:
         handle.remove()
     handles.clear()
+
+
+def _param_groups(module) -> list:
+    """FSDP2's parameter groups of one fully_shard-ed module (none when it manages no parameters)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)

@@ -128,16 +128,19 @@ class OGMGE(Method):
         y = step.target
         scores = None
         if active:
-            # packed with the gradients, so in their dtype when that is float32/float64 (one collective)
-            dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
             scores = torch.stack(
                 [true_class_probability(step.logits[m].detach(), y).sum() for m in groups.modalities]
-            ).to(dtype if dtype in (torch.float32, torch.float64) else torch.float64)
+            ).to(_wire(groups))
         if groups.fsdp:
             self._fsdp_backward(total, scores)
             return
-        # one packed collective: the encoder banks, the other gradients and the scores (sums over samples)
-        banks = reduce_encoder_banks(groups, total, summed=[] if scores is None else [scores])
+        # one packed collective: the encoder banks, the other gradients and the scores (sums over samples); zeros
+        # outside the window, so that the collective (and its persistent buffer) is the same in every epoch
+        if scores is None:
+            sent = torch.zeros(len(groups.modalities), dtype=_wire(groups), device=_device(groups))
+        else:
+            sent = scores  # summed over ranks in place
+        banks = reduce_encoder_banks(groups, total, summed=[sent])
         if not active:
             self._k = None
             return
@@ -276,3 +279,15 @@ class OGMGE(Method):
                 f"noise. To continue with the new stream deliberately, set state['stream'] = {STREAM_VERSION}."
             )
         self.seed, self.offset = values
+
+
+def _wire(groups) -> torch.dtype:
+    """The scores' dtype: the encoder banks' when float32/float64 (packed with the gradients, one collective), else
+    float64. Unlike methods.wire_dtype, also in one process, where ogm_ge has always used it (the trainer's
+    figures come from it)."""
+    dtype = groups.encoder_layouts[groups.modalities[0]][0].dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float64
+
+
+def _device(groups) -> torch.device:
+    return groups.encoder_layouts[groups.modalities[0]][0].device
