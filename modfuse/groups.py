@@ -730,6 +730,9 @@ class _Plan:
 
     def __init__(self, segments: list[FlatParams], summed: Sequence[torch.Tensor], cap: float, order: dict[int, int]):
         self.layouts = segments
+        # an infinite cap: one bucket per dtype, launched after the backward (never during it, so a parameter that
+        # autograd accumulates twice, e.g. under reentrant checkpointing, is always summed in full)
+        self.overlap = math.isfinite(cap)
         by_kind: dict[tuple, list[FlatParams]] = {}
         for fp in segments:
             by_kind.setdefault((fp.device, fp.dtype), []).append(fp)
@@ -818,7 +821,8 @@ class _Step:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(p.shape)} received a second gradient in one backward after its "
                     "bucket's all-reduce had started (reentrant activation checkpointing?): use "
-                    "torch.utils.checkpoint with use_reentrant=False, or Balancer(bucket_cap_mb=float('inf'))"
+                    "torch.utils.checkpoint with use_reentrant=False, or Balancer(bucket_cap_mb=float('inf')) "
+                    "(one all-reduce per dtype after the backward, no overlap)"
                 )
             slot.add_(p.grad, alpha=self.weight)
             p.grad = None
@@ -831,7 +835,7 @@ class _Step:
         p.grad = None  # the slot holds it now: autograd's tensor is freed at once, as with gradient_as_bucket_view
         self.reached.add(id(p))
         self.left[b] -= 1
-        while self.launched < len(self.left) and self.left[self.launched] == 0:
+        while self.plan.overlap and self.launched < len(self.left) and self.left[self.launched] == 0:
             self._launch(self.launched)
 
     def _launch(self, b: int) -> None:

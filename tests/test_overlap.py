@@ -392,3 +392,40 @@ def test_summed_tensors_of_another_dtype(job):
             for key, value in stats.items():
                 assert value == pytest.approx(b.stats()[key], rel=1e-5, abs=1e-6), key
             assert collectives == 2 if cap == 25 else collectives > 4, collectives
+
+
+class _Done:
+    def wait(self):
+        pass
+
+
+@pytest.mark.parametrize("cap", [float("inf"), 1e-6])
+def test_non_reentrant_checkpointing_through_the_overlapped_path(cap, monkeypatch):
+    """Activation checkpointing (use_reentrant=False, a parameter used inside and outside the checkpoint) through
+    the overlapped backward gives the plain backward's gradients (one process: the all-reduce is the identity)."""
+    import torch.utils.checkpoint as checkpoint
+
+    from modfuse import groups as groups_module
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)})
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, x):
+            inner = checkpoint.checkpoint(lambda t: self.enc["a"](t).relu(), x, use_reentrant=False)
+            return self.head(inner + self.enc["a"](x) + self.enc["b"](x)).sum()
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(3, 4)
+    net(x).backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    launched = []
+    monkeypatch.setattr(groups_module.dist, "all_reduce", lambda t, **kw: launched.append(t.numel()) or _Done())
+    g = groups_module.Groups(net, dict(net.enc), net.head, bucket_cap_mb=cap)
+    g._overlapped(net(x), banks=False, rows=1, summed=())
+    assert len(launched) == (1 if cap == float("inf") else 6)
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=0, atol=0, msg=n)
