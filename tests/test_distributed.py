@@ -218,16 +218,30 @@ class CollectiveCounter:
             setattr(dist, kind, orig)
 
 
-def scenarios(rank, world, out):
+def recorder(out):
+    """run(name, fn): fn's result, or its error, into out[name] (compared by the parent)."""
+
     def run(name, fn):
         try:
             out[name] = fn()
         except Exception as e:  # noqa: BLE001  (recorded, compared by the parent)
             out[name] = ("error", type(e).__name__, str(e), traceback.format_exc()[-800:])
 
+    return run
+
+
+def balancer_for_case(world):
+    """balancer(model, net, case, **extra): the Balancer of `case` (method_of) on `net`'s groups."""
+
     def balancer(model, net, case, **extra):
         method, options = method_of(case, world)
         return modfuse.Balancer(model, encoders=dict(net.enc), shared=net.head, method=method, **options, **extra)
+
+    return balancer
+
+
+def scenarios(rank, world, out):
+    run, balancer = recorder(out), balancer_for_case(world)
 
     # plain process group, every method
     for case in LINEAR + PER_RANK:
@@ -455,7 +469,7 @@ def scenarios(rank, world, out):
         run(f"replicas/{replicas}", replica)
 
 
-def worker(rank, world, port, path):
+def worker(rank, world, port, path, scenarios=scenarios):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
@@ -464,6 +478,12 @@ def worker(rank, world, port, path):
         torch.save(out, f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def spawn(world, path, scenarios=scenarios):
+    """Run `scenarios` on `world` gloo processes (60 s timeout); every rank's recorded results."""
+    mp.spawn(worker, args=(world, free_port(), path, scenarios), nprocs=world, join=True)
+    return [torch.load(f"{path}.{r}", weights_only=False) for r in range(world)]
 
 
 def free_port():
@@ -476,9 +496,7 @@ def free_port():
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
 def job(request, tmp_path_factory):
     world = request.param
-    path = str(tmp_path_factory.mktemp(f"dist{world}") / "out")
-    mp.spawn(worker, args=(world, free_port(), path), nprocs=world, join=True)
-    return world, [torch.load(f"{path}.{r}", weights_only=False) for r in range(world)]
+    return world, spawn(world, str(tmp_path_factory.mktemp(f"dist{world}") / "out"))
 
 
 @pytest.fixture(scope="module")

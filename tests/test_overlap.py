@@ -14,14 +14,9 @@ and the parent compares with one process on the concatenated batch (tests/test_d
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from _models import SharedHeadNet, losses
 from hypothesis import given, settings
@@ -32,15 +27,16 @@ from test_distributed import (
     RAGGED,
     CollectiveCounter,
     N,
+    balancer_for_case,
     close,
     data,
     expected,
-    free_port,
     local,
     make_net,
-    method_of,
     ok,
+    recorder,
     snapshot,
+    spawn,
     train,
 )
 
@@ -83,15 +79,7 @@ def make_extra(rows):
 
 
 def scenarios(rank, world, out):
-    def run(name, fn):
-        try:
-            out[name] = fn()
-        except Exception as e:  # noqa: BLE001  (recorded, compared by the parent)
-            out[name] = ("error", type(e).__name__, str(e), traceback.format_exc()[-800:])
-
-    def balancer(model, net, case, **extra):
-        method, options = method_of(case, world)
-        return modfuse.Balancer(model, encoders=dict(net.enc), shared=net.head, method=method, **options, **extra)
+    run, balancer = recorder(out), balancer_for_case(world)
 
     # (a) the order of events in one step: each parameter's gradient accumulated, each all-reduce issued
     for case in ("none", "ogm_ge"):
@@ -200,23 +188,10 @@ def scenarios(rank, world, out):
         run(f"float32-{cap}/inforeg", lambda cap=cap: float32(cap))
 
 
-def worker(rank, world, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        out = {}
-        scenarios(rank, world, out)
-        torch.save(out, f"{path}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
 def job(request, tmp_path_factory):
     world = request.param
-    path = str(tmp_path_factory.mktemp(f"overlap{world}") / "out")
-    mp.spawn(worker, args=(world, free_port(), path), nprocs=world, join=True)
-    return world, [torch.load(f"{path}.{r}", weights_only=False) for r in range(world)]
+    return world, spawn(world, str(tmp_path_factory.mktemp(f"overlap{world}") / "out"), scenarios)
 
 
 @pytest.fixture(scope="module")
