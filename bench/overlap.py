@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -38,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modfuse
+from bench.distributed import free_port
 from bench.harness import RESULTS, environment
 
 QUICK = {"width": 64, "batch": 8, "steps": 3, "warmup": 1, "rounds": 1}
@@ -134,12 +134,6 @@ def worker(rank, world, port, args, path):
             torch.save([(label, times) for label, *_, times in runs], path)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):
